@@ -1,0 +1,3 @@
+from noprop_lightning.diffusion.schedule import CosineSchedule
+
+__all__ = ["CosineSchedule"]

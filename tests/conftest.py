@@ -1,0 +1,44 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torchvision
+from fakedata import write_fake_cifar10, write_fake_cifar100, write_fake_mnist
+
+
+@pytest.fixture
+def patch_cifar_integrity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip torchvision's CIFAR md5 checks (fake files cannot match the official checksums).
+
+    ``CIFAR10._check_integrity`` (inherited by CIFAR100) checks the data batches; the meta
+    file is checked separately through ``torchvision.datasets.cifar.check_integrity``, which
+    is reduced to a file-exists check. Reading the pickles stays the real torchvision code.
+    """
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(
+        torchvision.datasets.cifar,
+        "check_integrity",
+        lambda fpath, md5=None: os.path.isfile(fpath),
+    )
+
+
+@pytest.fixture
+def fake_mnist_dir(tmp_path: Path) -> Path:
+    """A data_dir holding fake MNIST IDX files (64 train, 32 test images)."""
+    return write_fake_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def fake_cifar10_dir(tmp_path: Path, patch_cifar_integrity: None) -> Path:
+    """A data_dir holding fake CIFAR-10 pickles (5 x 16 train, 32 test images)."""
+    return write_fake_cifar10(tmp_path / "data")
+
+
+@pytest.fixture
+def fake_cifar100_dir(tmp_path: Path, patch_cifar_integrity: None) -> Path:
+    """A data_dir holding fake CIFAR-100 pickles (64 train, 32 test images)."""
+    return write_fake_cifar100(tmp_path / "data")

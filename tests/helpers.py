@@ -1,0 +1,36 @@
+"""Small builders shared by the model tests (tiny sizes so CPU tests take seconds)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+TINY = {"num_classes": 4, "in_channels": 1, "image_size": 8, "channels": (4, 4, 4), "hidden": 16}
+
+
+def tiny_batch(
+    n: int = 16, seed: int = 0, num_classes: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    return x, y
+
+
+def tiny_loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    return DataLoader(TensorDataset(*tiny_batch(n, seed)), batch_size=batch_size)
+
+
+def tiny_trainer(tmp_path=None, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

@@ -1,0 +1,240 @@
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+
+from noprop_lightning import NoPropModule
+from noprop_lightning.errors import ConfigurationError
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+
+
+def fast_adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def make(**kwargs) -> NoPropModule:
+    params = {**TINY, "num_blocks": 3, **kwargs}
+    return NoPropModule(**params)
+
+
+def block_params(module: NoPropModule, t: int) -> list[torch.nn.Parameter]:
+    return list(module.blocks[t].parameters())
+
+
+@pytest.mark.parametrize("embedding", ["onehot", "learned", "prototype"])
+def test_block_loss_has_no_gradient_into_other_blocks(embedding):
+    """Invariant 3: block t's loss has zero gradient w.r.t. every other block's parameters."""
+    torch.manual_seed(0)
+    m = make(embedding=embedding)
+    x, y = tiny_batch()
+    noise, final_noise = m.draw_noise(len(y))
+    for t in range(m.num_blocks):
+        loss = m.block_loss(t, x, y, noise[t])
+        others = [p for s in range(m.num_blocks) if s != t for p in block_params(m, s)]
+        own = block_params(m, t)
+        grads = torch.autograd.grad(loss, others + own, allow_unused=True)
+        assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[: len(others)])
+        # ...while the block's own parameters do get a gradient (the test can fail).
+        assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads[len(others) :])
+    ce, kl = m.head_loss(y, final_noise)
+    all_blocks = [p for s in range(m.num_blocks) for p in block_params(m, s)]
+    grads = torch.autograd.grad(ce + kl, all_blocks, allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+class StepCounter(L.Callback):
+    """Wraps every optimizer's step to count calls and check which parameters move."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.violations: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.counts = [0] * len(trainer.optimizers)
+        all_params = list(pl_module.parameters())
+        for i, opt in enumerate(trainer.optimizers):
+            own = {id(p) for g in opt.param_groups for p in g["params"]}
+            original = opt.step
+
+            def step(*args, _i=i, _own=own, _orig=original, **kwargs):
+                before = [p.detach().clone() for p in all_params]
+                out = _orig(*args, **kwargs)
+                self.counts[_i] += 1
+                for p, b in zip(all_params, before, strict=True):
+                    if id(p) not in _own and not torch.equal(p, b):
+                        self.violations.append(f"optimizer {_i} changed a foreign parameter")
+                return out
+
+            opt.step = step
+
+
+def test_each_optimizer_steps_once_per_batch_and_only_moves_its_params():
+    """Invariant 3 (second half) and the manual-optimisation contract."""
+    torch.manual_seed(0)
+    m = make(embedding="learned")
+    counter = StepCounter()
+    trainer = tiny_trainer(max_epochs=1, callbacks=[counter], limit_val_batches=0)
+    trainer.fit(m, tiny_loader(n=40, batch_size=8))  # 5 batches
+    assert len(counter.counts) == m.num_blocks + 1
+    assert counter.counts == [5] * (m.num_blocks + 1)
+    assert counter.violations == []
+
+
+def test_random_block_order_steps_one_block_per_batch():
+    torch.manual_seed(0)
+    m = make(block_order="random", num_blocks=4)
+    counter = StepCounter()
+    trainer = tiny_trainer(max_epochs=1, callbacks=[counter], limit_val_batches=0)
+    trainer.fit(m, tiny_loader(n=48, batch_size=8))  # 6 batches
+    assert sum(counter.counts[:-1]) == 6
+    assert counter.counts[-1] == 6
+    assert counter.violations == []
+
+
+def test_untrained_blocks_do_not_change_with_random_order():
+    torch.manual_seed(0)
+    m = make(block_order="random", num_blocks=4)
+    before = [[p.detach().clone() for p in b.parameters()] for b in m.blocks]
+    with mock.patch.object(NoPropModule, "select_blocks", return_value=[2]):
+        tiny_trainer(max_epochs=1, limit_val_batches=0).fit(m, tiny_loader(n=16, batch_size=8))
+    for t, block in enumerate(m.blocks):
+        changed = any(
+            not torch.equal(p, b) for p, b in zip(block.parameters(), before[t], strict=True)
+        )
+        assert changed == (t == 2)
+
+
+def test_inference_never_touches_labels():
+    """Invariant 4: the label embedding lookup (the only way labels enter) is never called."""
+    torch.manual_seed(0)
+    m = make(embedding="learned")
+    tiny_trainer(max_epochs=1, limit_val_batches=0).fit(m, tiny_loader())
+    m.eval()
+    x, y = tiny_batch()
+    with mock.patch.object(type(m.embedding), "forward", side_effect=AssertionError("label used")):
+        trainer = tiny_trainer()
+        trainer.validate(m, tiny_loader(), verbose=False)
+        trainer.test(m, tiny_loader(), verbose=False)
+        preds = trainer.predict(m, tiny_loader())
+    assert torch.cat(preds).shape == (32,)
+    # Shuffling the labels of a batch does not change the (deterministic) predictions.
+    a = m.predict_logits(x, deterministic=True)
+    b = m.predict_logits(x, deterministic=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_learns_a_separable_problem():
+    torch.manual_seed(0)
+    m = make(num_blocks=2, inference="deterministic", optimizer=fast_adam)
+    trainer = tiny_trainer(max_epochs=25)
+    loader = tiny_loader(n=64, batch_size=16)
+    before = trainer.validate(m, loader, verbose=False)[0]["val/acc"]
+    trainer.fit(m, loader)
+    after = trainer.validate(m, loader, verbose=False)[0]["val/acc"]
+    assert after >= 0.9 > before + 0.2
+
+
+def test_deterministic_and_stochastic_inference():
+    torch.manual_seed(0)
+    m = make().eval()
+    x, _ = tiny_batch()
+    torch.testing.assert_close(
+        m.predict_logits(x, deterministic=True),
+        m.predict_logits(x, deterministic=True),
+        rtol=0,
+        atol=0,
+    )
+    first = m.predict_logits(x, deterministic=False)
+    assert not torch.equal(first, m.predict_logits(x, deterministic=False))
+
+
+def test_checkpoint_round_trip_reproduces_predictions(tmp_path):
+    torch.manual_seed(0)
+    m = make(embedding="learned", embed_dim=6, inference="deterministic", num_blocks=2)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(m, tiny_loader())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = NoPropModule.load_from_checkpoint(path)
+    assert loaded.hparams.num_blocks == 2 and loaded.embed_dim == 6
+    m.eval()
+    loaded.eval()
+    x, _ = tiny_batch()
+    torch.testing.assert_close(loaded.predict_logits(x), m.predict_logits(x), rtol=0, atol=0)
+
+
+def test_per_block_losses_are_logged():
+    torch.manual_seed(0)
+    m = make()
+    trainer = tiny_trainer(max_epochs=1)
+    trainer.fit(m, tiny_loader(), tiny_loader())
+    metrics = trainer.callback_metrics
+    for t in range(1, 4):
+        value = metrics[f"train/loss_block_{t}"]
+        assert torch.isfinite(value) and value > 0
+    assert 0 <= metrics["val/acc"] <= 1
+    assert {"train/loss_head", "train/kl", "val/loss"} <= set(metrics)
+
+
+def test_block_losses_use_snr_weights():
+    torch.manual_seed(0)
+    m = make(eta=0.1).eval()  # eval: dropout off, so both computations see the same net
+    x, y = tiny_batch()
+    noise, _ = m.draw_noise(len(y))
+    for t in range(m.num_blocks):
+        u = m.embedding(y)
+        z = m.schedule.sqrt_abar[t] * u + m.schedule.sqrt_one_minus_abar[t] * noise[t]
+        uhat = torch.softmax(m.blocks[t](x, z), -1) @ m.embedding.weight
+        expected = 0.5 * m.num_blocks * 0.1 * (m.schedule.snr[t + 1] - m.schedule.snr[t])
+        expected = expected * (uhat - u).pow(2).sum(-1).mean()
+        torch.testing.assert_close(m.block_loss(t, x, y, noise[t]), expected)
+
+
+def test_schedulers_step_per_epoch_for_every_optimizer():
+    torch.manual_seed(0)
+    m = make(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    trainer = tiny_trainer(max_epochs=2, limit_val_batches=0)
+    trainer.fit(m, tiny_loader())
+    lrs = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
+    assert lrs == pytest.approx([1e-3 * 0.25] * (m.num_blocks + 1))
+
+
+def test_prototype_embedding_initialised_from_class_medoids():
+    torch.manual_seed(0)
+    x, y = tiny_batch(n=32)
+
+    class DM(L.LightningDataModule):
+        def class_examples(self, per_class: int = 64):
+            return x, y
+
+        def train_dataloader(self):
+            return tiny_loader()
+
+    m = make(embedding="prototype", num_blocks=2)
+    assert m.embed_dim == 64
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    with mock.patch.object(torch.optim.AdamW, "step"):
+        trainer.fit(m, datamodule=DM())
+    for k in range(4):
+        members = x[y == k].reshape(-1, 64)
+        assert any(torch.equal(m.embedding.weight[k], row) for row in members)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_blocks": 0},
+        {"embedding": "onehot", "embed_dim": 7},
+        {"embedding": "prototype", "embed_dim": 10},
+        {"embedding": "learned", "embed_dim": 0},
+        {"embedding": "fancy"},
+        {"block_order": "backwards"},
+        {"inference": "maybe"},
+        {"execution": "quantum"},
+        {"eta": 0},
+    ],
+)
+def test_bad_hyper_parameters_raise_clear_errors(kwargs):
+    with pytest.raises(ConfigurationError):
+        make(**kwargs)
