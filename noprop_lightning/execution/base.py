@@ -27,8 +27,9 @@ class BlockExecutor(Protocol):
         y: torch.Tensor,
         noise: torch.Tensor,
         block_ids: Sequence[int],
+        backward: bool = True,
     ) -> torch.Tensor:
-        """Back-propagate the losses of ``block_ids`` and return them, detached.
+        """Compute the losses of ``block_ids`` and, if ``backward``, back-propagate each.
 
         Args:
             module: The NoProp module (gives ``block_loss`` and ``manual_backward``).
@@ -36,9 +37,13 @@ class BlockExecutor(Protocol):
             y: ``(B,)`` labels.
             noise: ``(T, B, d)`` standard normal noise; row ``t - 1`` makes block ``t``'s input.
             block_ids: 0-based indices of the blocks to update in this step.
+            backward: If ``True``, call ``module.manual_backward`` on the losses and return
+                them detached. If ``False``, return them attached to the graph so the caller
+                can back-propagate their sum together with the head loss in one call (what
+                DDP needs: one backward per step).
 
         Returns:
-            ``(len(block_ids),)`` detached losses, in the order of ``block_ids``.
+            ``(len(block_ids),)`` losses, in the order of ``block_ids``.
         """
         ...
 
@@ -55,11 +60,14 @@ class SequentialExecutor:
         y: torch.Tensor,
         noise: torch.Tensor,
         block_ids: Sequence[int],
+        backward: bool = True,
     ) -> torch.Tensor:
         """See :meth:`BlockExecutor.run`."""
         losses = []
         for t in block_ids:
             loss = module.block_loss(t, x, y, noise[t])
-            module.manual_backward(loss)
-            losses.append(loss.detach())
+            if backward:
+                module.manual_backward(loss)
+                loss = loss.detach()
+            losses.append(loss)
         return torch.stack(losses)

@@ -199,9 +199,18 @@ class NoPropModule(ClassifierModule):
         block_noise, final_noise = self.draw_noise(len(y))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        block_losses = self.executor.run(self, x, y, block_noise, block_ids)
+        # Under DDP every step needs exactly one backward; the summed loss gives the same
+        # per-block gradients because blocks share no parameters and their inputs are data.
+        one_backward = self._trainer is not None and self.trainer.world_size > 1
+        block_losses = self.executor.run(
+            self, x, y, block_noise, block_ids, backward=not one_backward
+        )
         ce, kl = self.head_loss(y, final_noise)
-        self.manual_backward(ce + kl)
+        if one_backward:
+            self.manual_backward(block_losses.sum() + ce + kl)
+            block_losses = block_losses.detach()
+        else:
+            self.manual_backward(ce + kl)
         for t in block_ids:
             optimizers[t].step()
         optimizers[-1].step()
