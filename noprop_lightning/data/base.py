@@ -1,0 +1,415 @@
+"""Shared base for the image-classification DataModules.
+
+Every dataset is read once with its reference reader (torchvision, scikit-learn), then kept
+in memory as a normalised ``float32`` tensor of shape ``(N, C, H, W)`` plus ``int64`` labels.
+On CPU this is far faster than decoding PIL images item by item, and the paper trains without
+augmentation anyway. The validation split is always carved from the *train* split with a
+seeded permutation; the test split is only read for ``test``/``predict``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError, NoPropUserError
+
+Split = Literal["train", "test"]
+
+
+class DatasetCorruptError(DatasetNotFoundError):
+    """Raised when dataset files exist but cannot be read (truncated, corrupt, wrong md5)."""
+
+
+class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
+    """A dataset over in-memory image and label tensors.
+
+    Args:
+        images: Normalised images, ``float32`` of shape ``(N, C, H, W)``.
+        labels: Class indices, ``int64`` of shape ``(N,)``.
+        transform: Optional callable applied to each ``(C, H, W)`` image on access (used for
+            training-time augmentation only).
+
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images and labels differ in length: {images.shape[0]} != {labels.shape[0]}"
+            )
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class ImageClassificationDataModule(LightningDataModule, ABC):
+    """Abstract base for in-memory image-classification DataModules.
+
+    Subclasses set the class attributes below (readable before :meth:`setup`, so LightningCLI
+    can link them into the model) and implement :meth:`_required_files`, :meth:`_download`
+    and :meth:`_load_split`.
+
+    After :meth:`setup` the attributes ``train_dataset``, ``val_dataset`` and ``test_dataset``
+    hold :class:`TensorImageDataset` objects returning ``(image, label)`` with ``image`` a
+    normalised ``float32`` tensor ``(C, H, W)`` and ``label`` a 0-d ``int64`` tensor.
+    ``train_indices`` / ``val_indices`` are the positions in the original train split that
+    each of the two subsets uses.
+
+    Args:
+        data_dir: Root folder of the dataset files (the layout under it is the one torchvision
+            uses, e.g. ``<data_dir>/MNIST/raw``).
+        download: Download the files in :meth:`prepare_data` if they are missing. Needs
+            network access.
+        batch_size: Samples per batch for every dataloader.
+        num_workers: Dataloader worker processes (``0`` loads in the main process).
+        val_size: Size of the validation split carved from the train split: an ``int`` count
+            or a ``float`` fraction in ``(0, 1)``.
+        split_seed: Seed of the permutation that chooses the validation samples.
+        augment: Apply random training-time augmentation (the paper uses none).
+        pin_memory: Pin batches in page-locked memory (useful with a GPU).
+        train_subset: Keep only the first ``train_subset`` training samples (after the
+            validation split is removed) for quick runs; ``None`` keeps all.
+
+    """
+
+    dataset_name: ClassVar[str]
+    num_classes: ClassVar[int]
+    in_channels: ClassVar[int]
+    image_size: ClassVar[int]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+    #: Human-readable name used in error messages.
+    display_name: ClassVar[str]
+    #: Raw pixel value that maps to 1.0 before normalisation.
+    pixel_max: ClassVar[float] = 255.0
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int | float = 5000,
+        split_seed: int = 0,
+        augment: bool = False,
+        pin_memory: bool = False,
+        train_subset: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _validate_arguments(batch_size, num_workers, val_size, train_subset)
+        self.data_dir = data_dir
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.train_subset = train_subset
+
+        self.train_dataset: TensorImageDataset | None = None
+        self.val_dataset: TensorImageDataset | None = None
+        self.test_dataset: TensorImageDataset | None = None
+        self.train_indices: Tensor | None = None
+        self.val_indices: Tensor | None = None
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def _required_files(self) -> tuple[Path, list[str]]:
+        """Return the folder that must hold the dataset files and the file names expected."""
+
+    @abstractmethod
+    def _download(self) -> None:
+        """Download the dataset files into :attr:`data_path` (may raise anything)."""
+
+    @abstractmethod
+    def _load_split(self, split: Split) -> tuple[Tensor, Tensor]:
+        """Read one split with the reference reader.
+
+        Returns:
+            Raw images as ``uint8`` of shape ``(N, C, H, W)`` with values in
+            ``[0, pixel_max]`` and labels as ``int64`` of shape ``(N,)``.
+
+        """
+
+    def _train_augmentation(self) -> Callable[[Tensor], Tensor] | None:
+        """Return the per-image training augmentation used when ``augment=True``."""
+        return None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def data_path(self) -> Path:
+        """Absolute path of ``data_dir``."""
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape ``(C, H, W)`` of one image."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+    @property
+    def black_value(self) -> tuple[float, ...]:
+        """Per-channel normalised value of a zero pixel (used as padding fill)."""
+        return tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))
+
+    def prepare_data(self) -> None:
+        """Download the dataset files when ``download=True``.
+
+        Raises:
+            DatasetNotFoundError: If the download fails (e.g. no network access).
+
+        """
+        if not self.download:
+            return
+        folder, names = self._required_files()
+        if names and not self._missing_files(folder, names):
+            return
+        try:
+            self._download()
+        except NoPropUserError:
+            raise
+        except Exception as err:  # every failure becomes one clear message
+            raise DatasetNotFoundError(
+                f"Downloading {self.display_name} into {self.data_path} failed "
+                f"({type(err).__name__}: {err}). Without network access, fetch the files on "
+                f"another machine and point `--data.data_dir` at a folder containing "
+                f"`{self._example_file(folder, names)}` (the expected files are "
+                f"{', '.join(names)} in {folder}), with `--data.download false`."
+            ) from err
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the split(s) needed by ``stage`` into memory.
+
+        ``fit``/``validate`` load the train split and carve the validation split from it;
+        ``test``/``predict`` load the test split; ``None`` loads everything. Already loaded
+        splits are kept.
+
+        Raises:
+            DatasetNotFoundError: If the dataset files are missing.
+            DatasetCorruptError: If the files exist but cannot be read.
+            ConfigurationError: If ``val_size`` leaves no training samples.
+
+        """
+        need_train = stage in (None, "fit", "validate")
+        need_test = stage in (None, "test", "predict")
+        if need_train and self.train_dataset is None:
+            images, labels = self._read(split="train")
+            train_idx, val_idx = self._split_indices(labels.shape[0])
+            self.train_indices, self.val_indices = train_idx, val_idx
+            self.train_dataset = TensorImageDataset(
+                self._normalise(images[train_idx]),
+                labels[train_idx],
+                transform=self._train_augmentation() if self.augment else None,
+            )
+            self.val_dataset = TensorImageDataset(self._normalise(images[val_idx]), labels[val_idx])
+        if need_test and self.test_dataset is None:
+            images, labels = self._read(split="test")
+            self.test_dataset = TensorImageDataset(self._normalise(images), labels)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled loader over the training split."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Loader over the validation split (carved from the train split)."""
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Loader over the test split."""
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Loader over the test split (images and labels), for ``Trainer.predict``."""
+        if self.test_dataset is None:
+            self.setup("predict")
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def class_examples(self, per_class: int = 64) -> tuple[Tensor, Tensor]:
+        """Return up to ``per_class`` normalised training images of every class.
+
+        Only the training split (never validation or test) is used, without augmentation;
+        the images are the first ones of each class in training order, so the result is
+        deterministic for a given ``split_seed``. Used to initialise prototype label
+        embeddings.
+
+        Args:
+            per_class: Maximum number of images per class.
+
+        Returns:
+            Images ``(M, C, H, W)`` grouped by ascending class, and their labels ``(M,)``.
+
+        """
+        if per_class < 1:
+            raise ConfigurationError(f"per_class must be >= 1, got {per_class}")
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        labels = self.train_dataset.labels
+        picks = [
+            torch.nonzero(labels == c, as_tuple=True)[0][:per_class]
+            for c in range(self.num_classes)
+        ]
+        index = torch.cat(picks)
+        return self.train_dataset.images[index].clone(), labels[index].clone()
+
+    # ------------------------------------------------------------------ internals
+    def _read(self, split: Split) -> tuple[Tensor, Tensor]:
+        folder, names = self._required_files()
+        if names and self._missing_files(folder, names):
+            if self.download:
+                self.prepare_data()
+            missing = self._missing_files(folder, names)
+            if missing:
+                raise DatasetNotFoundError(self._missing_message(folder, names, missing))
+        try:
+            images, labels = self._load_split(split)
+        except NoPropUserError:
+            raise
+        except Exception as err:  # readers raise many types on bad files
+            raise DatasetCorruptError(
+                f"Could not read the {self.display_name} {split} split from {folder} "
+                f"({type(err).__name__}: {err}). The files ({', '.join(names)}) look corrupt "
+                "or truncated, e.g. from an interrupted download or copy: replace them with "
+                "intact copies, or delete them and run with `--data.download true`."
+            ) from err
+        self._check_loaded(split, folder, images, labels)
+        return images, labels
+
+    def _check_loaded(self, split: Split, folder: Path, images: Tensor, labels: Tensor) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        problem = None
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            problem = f"images have shape {tuple(images.shape)}, expected (N, *{expected})"
+        elif images.shape[0] != labels.shape[0]:
+            problem = f"{images.shape[0]} images but {labels.shape[0]} labels"
+        elif labels.numel() == 0:
+            problem = "the split is empty"
+        elif int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            problem = (
+                f"labels span [{int(labels.min())}, {int(labels.max())}], "
+                f"expected [0, {self.num_classes - 1}]"
+            )
+        if problem is not None:
+            raise DatasetCorruptError(
+                f"The {self.display_name} {split} split read from {folder} is inconsistent: "
+                f"{problem}. The files look corrupt or truncated: replace them with intact "
+                "copies, or delete them and run with `--data.download true`."
+            )
+
+    @staticmethod
+    def _missing_files(folder: Path, names: Sequence[str]) -> list[str]:
+        return [name for name in names if not (folder / name).is_file()]
+
+    def _example_file(self, folder: Path, names: Sequence[str]) -> str:
+        try:
+            relative = folder.relative_to(self.data_path)
+        except ValueError:
+            relative = folder
+        return str(relative / names[0])
+
+    def _missing_message(self, folder: Path, names: Sequence[str], missing: Sequence[str]) -> str:
+        message = (
+            f"{self.display_name} dataset not found: searched directory {folder} "
+            f"(data_dir={self.data_dir!r}) for the files {', '.join(names)}; missing: "
+            f"{', '.join(missing)}. To fix it, point `--data.data_dir` (the `data_dir` "
+            f"argument) at a folder containing `{self._example_file(folder, names)}` and the "
+            "other files, or set `--data.download true` on a machine with network access."
+        )
+        compressed = [f"{name}.gz" for name in missing if (folder / f"{name}.gz").is_file()]
+        if compressed:
+            message += (
+                f" Compressed files were found ({', '.join(compressed)}): decompress them "
+                "in place with `gunzip`."
+            )
+        return message
+
+    def _split_indices(self, n: int) -> tuple[Tensor, Tensor]:
+        if isinstance(self.val_size, float):
+            n_val = max(1, round(self.val_size * n))
+        else:
+            n_val = self.val_size
+        if n_val >= n:
+            raise ConfigurationError(
+                f"val_size={self.val_size} leaves no training samples: the "
+                f"{self.display_name} train split has only {n} samples. Use a smaller "
+                "val_size (an int count or a float fraction in (0, 1))."
+            )
+        generator = torch.Generator().manual_seed(self.split_seed)
+        permutation = torch.randperm(n, generator=generator)
+        val_idx = permutation[:n_val]
+        train_idx = permutation[n_val:]
+        if self.train_subset is not None:
+            train_idx = train_idx[: self.train_subset]
+        return train_idx, val_idx
+
+    def _normalise(self, raw: Tensor) -> Tensor:
+        images = raw.to(torch.float32).div_(self.pixel_max)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return images.sub_(mean).div_(std).contiguous()
+
+    def _loader(self, dataset: TensorImageDataset | None, shuffle: bool) -> DataLoader:
+        assert dataset is not None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _validate_arguments(
+    batch_size: int, num_workers: int, val_size: int | float, train_subset: int | None
+) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigurationError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
+        raise ConfigurationError(
+            f"val_size must be an int count or a float fraction in (0, 1), got {val_size!r}"
+        )
+    if isinstance(val_size, int) and val_size < 1:
+        raise ConfigurationError(f"val_size as a count must be >= 1, got {val_size}")
+    if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
+        raise ConfigurationError(
+            f"val_size as a fraction must lie in (0, 1), got {val_size}; "
+            "pass an int for a sample count"
+        )
+    if train_subset is not None and (
+        isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
+    ):
+        raise ConfigurationError(
+            f"train_subset must be None or an integer >= 1, got {train_subset!r}"
+        )

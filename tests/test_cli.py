@@ -1,0 +1,95 @@
+"""Smoke tests: every shipped config runs `fit` (fast_dev_run) through the real CLI."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from noprop_lightning.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def data_class(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+
+
+@pytest.fixture
+def fake_data_dirs(fake_mnist_dir, fake_cifar10_dir, fake_cifar100_dir):
+    return {
+        "MNISTDataModule": fake_mnist_dir,
+        "CIFAR10DataModule": fake_cifar10_dir,
+        "CIFAR100DataModule": fake_cifar100_dir,
+    }
+
+
+def test_every_config_is_covered():
+    assert len(CONFIGS) >= 9
+    names = {c.stem for c in CONFIGS}
+    for dataset in ("mnist", "cifar10", "cifar100"):
+        assert {f"noprop_{dataset}", f"backprop_{dataset}"} <= names
+    assert "quickstart" in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_config_fit_fast_dev_run(config, fake_data_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs land in tmp_path/lightning_logs
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "true"]
+    args += ["--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.batch_size", "4"]  # the config's own nets, a small batch
+    cls = data_class(config)
+    if cls in fake_data_dirs:
+        args += ["--data.init_args.data_dir", str(fake_data_dirs[cls])]
+        args += ["--data.init_args.val_size", "16"]
+    cli = main(args)
+    assert cli is not None
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step > 0
+    # test_after_fit evaluated the model on the test split.
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
+def test_quickstart_links_data_properties_into_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.fast_dev_run",
+            "true",
+            "--test_after_fit",
+            "false",
+        ]
+    )
+    assert (cli.model.num_classes, cli.model.in_channels, cli.model.image_size) == (10, 1, 8)
+    assert "test/acc" not in cli.trainer.callback_metrics
+
+
+def test_print_config_runs(capsys):
+    config = Path(__file__).parents[1] / "configs" / "noprop_mnist.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "NoPropModule" in out and "num_blocks: 10" in out
+
+
+def test_validate_and_test_subcommands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+    small = [
+        "--model.init_args.channels",
+        "[4, 4, 4]",
+        "--model.init_args.hidden",
+        "16",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.limit_test_batches",
+        "1",
+    ]
+    cli = main(["validate", "--config", str(config), *small])
+    assert "val/acc" in cli.trainer.callback_metrics
+    cli = main(["test", "--config", str(config), *small])
+    assert "test/acc" in cli.trainer.callback_metrics
