@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
+import inspect
+import re
 import sys
-from collections.abc import Sequence
+import warnings
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-from lightning.pytorch import LightningDataModule, LightningModule
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from noprop_lightning.errors import NoPropUserError
+from noprop_lightning.errors import CheckpointError, CheckpointMismatchError, NoPropUserError
+from noprop_lightning.modules.base import ClassifierModule, structural_differences
 
 LINKED_DATA_PROPERTIES = ("num_classes", "in_channels", "image_size")
+
+#: ``--ckpt_path`` values that Lightning resolves itself (not file names).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+#: Parser settings: raise instead of printing the whole usage, and refuse abbreviated options
+#: (``--trainer.max_epoch`` would otherwise silently mean ``--trainer.max_epochs``).
+_PARSER_KWARGS: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
+
+#: Exit status of every error caused by user input (bad option, config, data, checkpoint).
+USER_ERROR_EXIT_CODE = 2
 
 
 class NoPropCLI(LightningCLI):
@@ -20,6 +41,12 @@ class NoPropCLI(LightningCLI):
     module and passed to the model, so a config never states them twice. After ``fit`` the
     best checkpoint (by the ``ModelCheckpoint`` monitor, i.e. validation accuracy, never the
     test set) is evaluated on the test split unless ``--test_after_fit false``.
+
+    With ``--ckpt_path FILE`` the checkpoint is checked before anything is built: it must
+    exist and be readable, and its structural model settings (``T``, embedding, sizes; see
+    :attr:`~noprop_lightning.modules.base.ClassifierModule.structural_hparams`) must agree
+    with the config's. Lightning then takes the remaining model settings from the checkpoint
+    (a warning names those that the config sets differently).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -33,6 +60,11 @@ class NoPropCLI(LightningCLI):
             help="After fit, evaluate the best checkpoint on the test split.",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
+        super().parse_arguments(parser, args)
+        self._check_ckpt_path()
+
     def after_fit(self) -> None:
         """Evaluate on the test split after fitting (best checkpoint when there is one)."""
         if not self.config[self.subcommand].get("test_after_fit", True):
@@ -43,16 +75,216 @@ class NoPropCLI(LightningCLI):
         ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
+    # ------------------------------------------------------------------ checkpoint checks
+    def _check_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or _is_special_ckpt_path(str(ckpt_path)):
+            return
+        checkpoint = read_checkpoint_header(ckpt_path)
+        model_config = config.get("model")
+        if model_config is None or not hasattr(model_config, "class_path"):
+            return
+        _check_model_against_checkpoint(
+            str(ckpt_path), checkpoint.get("hyper_parameters") or {}, model_config
+        )
+
+
+def _is_special_ckpt_path(path: str) -> bool:
+    return path in SPECIAL_CKPT_PATHS or path.startswith("registry:") or "://" in path
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """Check that a checkpoint file exists and is intact; return it loaded on the CPU.
+
+    A Lightning checkpoint is a zip archive (``torch.save``); its CRCs are verified before
+    unpickling, so a truncated or damaged file gives one clear message.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The checkpoint dictionary, loaded with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: If the file is missing, truncated, corrupt or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"--ckpt_path {path} does not exist or is not a file. Point it at a .ckpt file, "
+            "e.g. lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run to resume."
+        )
+    damaged = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        if bad_member is not None:
+            damaged = f"the archive member {bad_member} fails its CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        damaged = f"{type(err).__name__}: {err}"
+    if damaged is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
+            damaged = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    raise CheckpointError(
+        f"the checkpoint {path} cannot be read ({damaged}): it is truncated, corrupt or not a "
+        "Lightning checkpoint. Resume from another checkpoint of the run (ModelCheckpoint "
+        "keeps last.ckpt and the best ones in the same folder) or start a fresh run."
+    )
+
+
+def _import_class(class_path: str) -> type | None:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _check_model_against_checkpoint(
+    ckpt_path: str, saved: Mapping[str, Any], model_config: Any
+) -> None:
+    """Compare the model part of the config with the hyper-parameters of a checkpoint."""
+    saved = dict(saved)
+    saved_class_path = saved.pop("_class_path", None)
+    saved.pop("_instantiator", None)
+    config_class = _import_class(str(model_config.class_path))
+    if saved_class_path is not None:
+        saved_class = _import_class(str(saved_class_path))
+        if saved_class is not None and config_class is not None and saved_class is not config_class:
+            raise CheckpointMismatchError(
+                f"the checkpoint {ckpt_path} was written by {saved_class.__name__} but the config "
+                f"builds {config_class.__name__}: use the config of the run that wrote it (the "
+                "config.yaml saved next to its checkpoints) or start a fresh run without "
+                "--ckpt_path."
+            )
+    init_args = model_config.get("init_args")
+    if init_args is None or not saved:
+        return
+    current = dict(vars(init_args))
+    # Data-linked values are filled in at instantiation; the module checks them on load.
+    for name in LINKED_DATA_PROPERTIES:
+        current.pop(name, None)
+    keys = getattr(config_class, "structural_hparams", ClassifierModule.structural_hparams)
+    diffs = structural_differences(saved, current, keys)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the checkpoint {ckpt_path} does not fit the model of this config "
+            f"({'; '.join(diffs)}): its weights and optimizer states were made for another "
+            "shape. Remove the options that change these settings (or reuse the config.yaml "
+            "saved next to the run's checkpoints), or start a fresh run without --ckpt_path."
+        )
+    others = structural_differences(saved, current, [k for k in saved if k not in keys])
+    if others:
+        warnings.warn(
+            f"resuming from {ckpt_path}: Lightning uses the checkpoint's model settings, so "
+            f"these config values are ignored: {'; '.join(others)}",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+# ---------------------------------------------------------------------- error reporting
+def find_user_error(err: BaseException) -> NoPropUserError | None:
+    """The :class:`NoPropUserError` that caused ``err`` (it may be wrapped), if any.
+
+    jsonargparse wraps errors raised while instantiating classes in a ``ValueError`` whose
+    ``__cause__`` is the original error.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, NoPropUserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+_UNKNOWN_OPTION = re.compile(
+    r"(?:Option|option) '([\w.]+)' is not accepted|accept option '([\w.]+)'"
+    r"|unrecognized arguments: --([\w.]+)"
+)
+_CLASS_PATH = re.compile(r"class_path '([\w.]+)'")
+
+
+def _init_parameters(cls: type) -> list[str]:
+    """Names of the ``__init__`` arguments of ``cls`` and its bases."""
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        if "__init__" in vars(klass):
+            try:
+                names += list(inspect.signature(klass.__init__).parameters)
+            except (TypeError, ValueError):
+                continue
+    return [n for n in names if n not in ("self", "args", "kwargs")]
+
+
+def _did_you_mean(message: str) -> str:
+    """A " (did you mean 'x'?)" hint for an unknown option, or ``""``."""
+    match = _UNKNOWN_OPTION.search(message)
+    if match is None:
+        return ""
+    option = next(group for group in match.groups() if group)
+    class_match = _CLASS_PATH.search(message)
+    if class_match is not None:
+        cls = _import_class(class_match.group(1))
+    else:
+        cls = Trainer if option.startswith("trainer.") else None
+    if cls is None:
+        return ""
+    close = difflib.get_close_matches(option.rsplit(".", 1)[-1], _init_parameters(cls), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def condense_parser_message(message: str) -> str:
+    """Turn a multi-line jsonargparse error into one paragraph, with a "did you mean" hint.
+
+    Union-type errors list one attempt per allowed type; only the attempts that say something
+    (not "Expected a <class 'NoneType'>") are kept.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any("Does not validate against any of the Union subtypes" in line for line in lines):
+        kept = [lines[0].rstrip(":")] if lines[0].startswith("Parser key") else []
+        in_errors = False
+        for line in lines:
+            if line.startswith("Errors:"):
+                in_errors = True
+                continue
+            if line.startswith("Given value"):
+                in_errors = False
+            if in_errors and "Expected a <class 'NoneType'>" not in line:
+                kept.append(line.lstrip("- ").rstrip(":"))
+        lines = kept or lines
+    return ": ".join(lines) + _did_you_mean(message)
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+
 
 def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
     """Run the CLI; user errors print one paragraph and exit with status 2.
+
+    User errors are: unknown or misspelled options and config keys, values that fail a
+    type check, every :class:`~noprop_lightning.errors.NoPropUserError` (invalid settings,
+    missing or corrupt data, unusable checkpoints, a diverged loss), also when jsonargparse
+    or Lightning wrapped it. Anything else is a bug and keeps its traceback.
 
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The CLI object (useful in tests), or ``None`` after a user error.
+        The CLI object (useful in tests); user errors exit instead of returning.
     """
+    subcommands = LightningCLI.subcommands()
+    parser_kwargs = {**_PARSER_KWARGS, **{name: dict(_PARSER_KWARGS) for name in subcommands}}
     try:
         return NoPropCLI(
             LightningModule,
@@ -62,8 +294,20 @@ def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
             auto_configure_optimizers=False,
             seed_everything_default=42,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
             args=args,
         )
-    except NoPropUserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except argparse.ArgumentError as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            _exit_with(str(user_error))
+        command = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "cli.py"
+        _exit_with(
+            f"invalid option or config value: {condense_parser_message(str(err))}. "
+            f"Run `python {command} <subcommand> --help` to list the accepted options."
+        )
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        _exit_with(str(user_error))

@@ -15,3 +15,23 @@ class DatasetNotFoundError(NoPropUserError):
 
 class ConfigurationError(NoPropUserError, ValueError):
     """Raised for invalid hyper-parameters or incompatible settings."""
+
+
+class CheckpointError(NoPropUserError):
+    """Raised when a checkpoint file is missing, unreadable (truncated, corrupt) or unusable."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """Raised when a checkpoint was written by a model of another shape (``T``, embedding, ...).
+
+    Loading it would either fail deep inside ``load_state_dict`` with a wall of size-mismatch
+    lines or, worse, pair optimizer states with the wrong parameters.
+    """
+
+
+class TrainingDivergedError(NoPropUserError, RuntimeError):
+    """Raised when a training loss becomes NaN or infinite.
+
+    The check runs before any optimizer step of the batch, so the weights in memory are those
+    of the previous step and the checkpoints on disk are untouched.
+    """

@@ -127,7 +127,7 @@ class BackpropModule(ClassifierModule):
 
     def configure_optimizers(self) -> Any:
         """A single optimizer over all parameters (plus the optional scheduler)."""
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.build_optimizer(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
@@ -141,5 +141,16 @@ class BackpropModule(ClassifierModule):
         x, y = batch
         self._check_batch(x)
         loss = F.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        # Lightning steps after this returns, so a NaN never reaches the weights.
+        self.check_finite_losses({"end-to-end cross-entropy": loss}, batch_idx)
+        # sync_dist: under DDP the logged epoch value is the mean over every process's batches.
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(y),
+            sync_dist=True,
+        )
         return loss

@@ -1,0 +1,418 @@
+"""Bad input: every case ends with a one-paragraph message and exit status 2, no traceback.
+
+Most cases run ``main(args)`` in this process (``cli.py`` is nothing but ``main()``); two run
+``python cli.py`` in a subprocess to check the real exit status and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from fakedata import write_fake_cifar10, write_fake_mnist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from noprop_lightning import BackpropModule, DigitsDataModule, NoPropModule
+from noprop_lightning.cli import condense_parser_message, main
+from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
+from tests.helpers import TINY, tiny_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUICK = [
+    "fit",
+    "--config",
+    str(CONFIGS / "quickstart.yaml"),
+    "--model.init_args.num_blocks",
+    "2",
+    "--model.init_args.channels",
+    "[4,4,4]",
+    "--model.init_args.hidden",
+    "16",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.logger",
+    "false",
+    "--trainer.callbacks",
+    "[]",
+    "--trainer.enable_checkpointing",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--test_after_fit",
+    "false",
+]
+MNIST_SMALL = [*QUICK[:2], str(CONFIGS / "noprop_mnist_small.yaml"), *QUICK[3:]]
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing lands in the repository
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets; a busy 2-core machine makes thread pools crawl
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """Run the CLI in-process; return the exit status and the ``error:`` paragraph."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-2000:]
+    return info.value.code, errors[0]
+
+
+def write_yaml_typo(tmp_path: Path) -> Path:
+    path = tmp_path / "typo.yaml"
+    path.write_text("trainer:\n  max_epocs: 1\n")
+    return path
+
+
+def truncated_mnist(tmp_path: Path) -> Path:
+    root = write_fake_mnist(tmp_path / "mnist")
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    return root
+
+
+def mnist_with_bad_label(tmp_path: Path) -> Path:
+    root = write_fake_mnist(tmp_path / "mnist")
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[8 + 5] = 42  # past the 8-byte IDX header: label 42 in a 10-class dataset
+    labels.write_bytes(bytes(raw))
+    return root
+
+
+# (id, extra args or a builder of them, the start of the expected message)
+BAD_INPUTS = [
+    (
+        "unknown model key",
+        ["--model.init_args.num_blockz", "3"],
+        'invalid option or config value: Parser key "model": Problem with given class_path '
+        "'noprop_lightning.NoPropModule': Option 'num_blockz' is not accepted (did you mean "
+        "'num_blocks'?)",
+    ),
+    (
+        "misspelled key in a YAML file",
+        lambda tmp: ["--config", str(write_yaml_typo(tmp))],
+        "invalid option or config value: Subcommand 'fit' does not accept option "
+        "'trainer.max_epocs' (did you mean 'max_epochs'?)",
+    ),
+    (
+        "abbreviated trainer option",
+        ["--trainer.max_epoch", "1"],
+        "invalid option or config value: unrecognized arguments: --trainer.max_epoch 1 (did "
+        "you mean 'max_epochs'?)",
+    ),
+    (
+        "misspelled data key",
+        ["--data.init_args.batch_sise", "4"],
+        'invalid option or config value: Parser key "data"',
+    ),
+    (
+        "wrong value type",
+        ["--trainer.max_epochs", "many"],
+        'invalid option or config value: Parser key "trainer.max_epochs"',
+    ),
+    ("T = 0", ["--model.init_args.num_blocks", "0"], "num_blocks (T) must be an integer >= 1"),
+    ("T < 0", ["--model.init_args.num_blocks", "-2"], "num_blocks (T) must be an integer >= 1"),
+    (
+        "negative learning rate",
+        ["--model.init_args.optimizer.init_args.lr", "-0.1"],
+        "the optimizer of block 1 could not be built: Invalid learning rate: -0.1",
+    ),
+    (
+        "zero learning rate",
+        ["--model.init_args.optimizer.init_args.lr", "0"],
+        "the learning rate must be a finite number > 0, got lr=0.0",
+    ),
+    ("batch size 0", ["--data.init_args.batch_size", "0"], "batch_size must be an integer >= 1"),
+    (
+        "negative batch size",
+        ["--data.init_args.batch_size", "-8"],
+        "batch_size must be an integer >= 1",
+    ),
+    (
+        "one-hot embedding with another dim",
+        ["--model.init_args.embed_dim", "5"],
+        "a one-hot embedding has dimension num_classes=10; got embed_dim=5",
+    ),
+    (
+        "prototype embedding with another dim",
+        ["--model.init_args.embedding", "prototype", "--model.init_args.embed_dim", "7"],
+        "a prototype embedding has the image's dimension C*H*W=64; got embed_dim=7",
+    ),
+    (
+        "learned embedding with dim 0",
+        ["--model.init_args.embedding", "learned", "--model.init_args.embed_dim", "0"],
+        "embed_dim must be >= 1",
+    ),
+    (
+        "unknown embedding kind",
+        ["--model.init_args.embedding", "onehott"],
+        "unknown embedding 'onehott'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_quickstart_input(extra, expected, tmp_path, capsys):
+    args = extra(tmp_path) if callable(extra) else extra
+    code, error = run_main([*QUICK, *args], capsys)
+    assert code == 2
+    assert error.startswith(f"error: {expected}"), error
+
+
+DATA_INPUTS = [
+    (
+        "data_dir does not exist",
+        lambda tmp: str(tmp / "no" / "such" / "dir"),
+        "MNIST dataset not found",
+    ),
+    ("truncated MNIST file", truncated_mnist, "Could not read the MNIST train split"),
+    ("label out of range in MNIST file", mnist_with_bad_label, "The MNIST train split read"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_dir", "expected"),
+    [case[1:] for case in DATA_INPUTS],
+    ids=[case[0] for case in DATA_INPUTS],
+)
+def test_bad_dataset_files(make_dir, expected, tmp_path, capsys):
+    args = [*MNIST_SMALL, "--data.init_args.data_dir", str(make_dir(tmp_path))]
+    code, error = run_main([*args, "--data.init_args.val_size", "16"], capsys)
+    assert code == 2
+    assert error.startswith(f"error: {expected}"), error
+
+
+def test_corrupt_cifar_files_fail_the_md5_check(tmp_path, capsys):
+    """No md5 patch here: fake files are exactly what a corrupt download looks like."""
+    root = write_fake_cifar10(tmp_path / "cifar")
+    args = [*QUICK[:2], str(CONFIGS / "noprop_cifar10.yaml"), *QUICK[3:]]
+    code, error = run_main([*args, "--data.init_args.data_dir", str(root)], capsys)
+    assert code == 2
+    assert "failed the md5 integrity check: data_batch_1" in error
+
+
+# ---------------------------------------------------------------------- checkpoints
+@pytest.fixture
+def quick_checkpoint(tmp_path) -> Path:
+    """A last.ckpt written by the quickstart CLI with T = 2."""
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+        }
+    ]
+    args = [*QUICK, "--trainer.enable_checkpointing", "true"]
+    args += ["--trainer.callbacks", json.dumps(callbacks)]
+    assert main(args) is not None
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def test_checkpoint_with_other_T_via_cli(quick_checkpoint, capsys):
+    args = [*QUICK, "--model.init_args.num_blocks", "3", "--ckpt_path", str(quick_checkpoint)]
+    code, error = run_main(args, capsys)
+    assert code == 2
+    assert f"the checkpoint {quick_checkpoint} does not fit the model of this config" in error
+    assert "num_blocks: checkpoint 2, this model 3" in error
+
+
+def test_resume_warns_that_checkpoint_settings_win(quick_checkpoint, capsys):
+    """Lightning resumes with the checkpoint's model settings; a changed one is named."""
+    args = [*QUICK, "--model.init_args.dropout", "0.3", "--ckpt_path", str(quick_checkpoint)]
+    with pytest.warns(UserWarning, match=r"ignored: dropout: checkpoint 0.1, this model 0.3"):
+        cli = main([*args, "--trainer.max_epochs", "2"])
+    assert cli is not None and cli.trainer.state.finished
+    assert cli.model.hparams.dropout == 0.1
+
+
+def test_checkpoint_of_another_module_class_via_cli(quick_checkpoint, capsys):
+    model = {"class_path": "noprop_lightning.BackpropModule", "init_args": {"num_blocks": 2}}
+    args = [*QUICK, "--model", json.dumps(model), "--ckpt_path", str(quick_checkpoint)]
+    code, error = run_main(args, capsys)
+    assert code == 2
+    assert "was written by NoPropModule but the config builds BackpropModule" in error
+
+
+def test_truncated_or_missing_checkpoint_via_cli(quick_checkpoint, tmp_path, capsys):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(quick_checkpoint.read_bytes()[:-200])
+    code, error = run_main([*QUICK, "--ckpt_path", str(broken)], capsys)
+    assert code == 2
+    assert f"the checkpoint {broken} cannot be read" in error and "truncated" in error
+    code, error = run_main([*QUICK, "--ckpt_path", str(tmp_path / "nope.ckpt")], capsys)
+    assert code == 2
+    assert "does not exist" in error
+
+
+# ---------------------------------------------------------------------- data vs model
+def test_num_classes_mismatch_with_data_module(tmp_path):
+    model = NoPropModule(**{**TINY, "num_classes": 4}, num_blocks=2)  # digits have 10 classes
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigurationError, match="num_classes=10 in the data but num_classes=4"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+
+
+@pytest.mark.parametrize("method", ["noprop", "backprop"])
+def test_labels_beyond_num_classes(method, tmp_path):
+    x, y = tiny_batch(16, num_classes=6)  # labels 0..5, the model has 4 classes
+    module = (NoPropModule if method == "noprop" else BackpropModule)(**TINY, num_blocks=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigurationError, match="a batch holds the label 5, but the model has"):
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+# ---------------------------------------------------------------------- non-finite loss
+class PoisonBlock(L.Callback):
+    """Sets one weight of a block to NaN just before a given batch."""
+
+    def __init__(self, block: int, batch_idx: int) -> None:
+        self.block, self.batch_idx = block, batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            with torch.no_grad():
+                next(pl_module.blocks[self.block].parameters()).view(-1)[0] = float("nan")
+
+
+def test_nan_in_one_block_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    module = NoPropModule(**TINY, num_blocks=3)  # T + 1 = 4 optimizer steps per batch
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[checkpoint, PoisonBlock(block=1, batch_idx=3)],
+    )
+    loader = DataLoader(TensorDataset(*tiny_batch(48)), batch_size=8)
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.fit(module, loader)
+    message = str(info.value)
+    last = tmp_path / "last.ckpt"
+    assert message.startswith(
+        "non-finite training loss at global step 12 (epoch 0, batch 3): block 2 = nan. "
+    )
+    assert "block 1" not in message and "block 3" not in message
+    assert f"The last checkpoint, {last}, was written before this step" in message
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 12
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    # No optimizer stepped on the poisoned batch: the parameters of the healthy blocks and
+    # the head still equal the checkpoint's (the forward did update BatchNorm buffers).
+    healthy = [(n, p) for n, p in module.named_parameters() if not n.startswith("blocks.1.")]
+    assert len(healthy) > 10
+    for name, value in healthy:
+        assert torch.equal(value, saved["state_dict"][name]), name
+
+
+def test_nan_in_data_stops_backprop(tmp_path):
+    x, y = tiny_batch(16)
+    x[9, 0, 0, 0] = float("inf")  # second batch
+    module = BackpropModule(**TINY, num_blocks=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(TrainingDivergedError, match=r"global step 1 \(epoch 0, batch 1\): end-"):
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+class NaNDigitsDataModule(DigitsDataModule):
+    """Digits with one NaN pixel in every training image: the first step diverges."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.train_dataset is not None:
+            self.train_dataset.images[:, 0, 0, 0] = float("nan")
+
+
+def test_nan_loss_via_cli(tmp_path, capsys):
+    args = [*QUICK, "--data", "tests.test_cli_errors.NaNDigitsDataModule"]
+    code, error = run_main(args, capsys)
+    assert code == 2
+    assert error.startswith("error: non-finite training loss at global step 0 (epoch 0, batch 0)")
+    assert "block 1 = nan" in error and "No checkpoint had been written yet" in error
+
+
+# ---------------------------------------------------------------------- DDP misuse
+@pytest.fixture
+def single_process_ddp():
+    """Undo what a 1-process DDP fit leaves behind (env variables, process group)."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def test_random_block_order_under_ddp_needs_unused_parameter_detection(single_process_ddp):
+    module = NoPropModule(**TINY, num_blocks=3, block_order="random")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(ConfigurationError, match="ddp_find_unused_parameters_true"):
+        trainer.fit(module, DataLoader(TensorDataset(*tiny_batch(16)), batch_size=8))
+
+
+# ---------------------------------------------------------------------- real subprocess
+def test_python_cli_py_exit_status_and_stderr(tmp_path):
+    """The real entry point, for an error raised deep inside ``Trainer.fit`` (the in-process
+    tests above cover the other cases: ``cli.py`` is only ``main()``)."""
+    extra = ["--model.init_args.optimizer.init_args.lr", "0"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *QUICK, *extra],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the learning rate must be a finite number > 0, got lr=0.0")
+
+
+def test_condense_parser_message_keeps_only_informative_lines():
+    message = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n'
+        "  Subtypes: [<class 'LightningModule'>, <class 'NoneType'>]\n  Errors:\n"
+        "    - Problem with given class_path 'noprop_lightning.NoPropModule':\n"
+        "        Option 'hiden' is not accepted\n    - Expected a <class 'NoneType'>\n"
+        "  Given value type: <class 'jsonargparse._util.NestedArg'>\n"
+    )
+    assert condense_parser_message(message) == (
+        "Parser key \"model\": Problem with given class_path 'noprop_lightning.NoPropModule': "
+        "Option 'hiden' is not accepted (did you mean 'hidden'?)"
+    )
