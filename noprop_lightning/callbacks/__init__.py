@@ -1,0 +1,29 @@
+"""Lightning callbacks that measure and summarise a run; usable in any Lightning project.
+
+* :class:`EpochTimer`: ``time/*_epoch_s`` and ``throughput/*_samples_per_s`` per epoch.
+* :class:`PeakMemoryMonitor`: ``memory/*_peak_*_mib`` per epoch (CUDA peak, process RSS).
+* :class:`RunSummary`: a rich table at the end of ``fit`` and ``test``.
+* :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
+"""
+
+from noprop_lightning.callbacks.hparams import TensorBoardHParams
+from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
+from noprop_lightning.callbacks.summary import ModuleDescription, RunSummary, describe_module
+from noprop_lightning.callbacks.timing import EpochTimer
+
+
+def default_callbacks() -> list:
+    """One instance of each measuring callback, in the order they should run."""
+    return [EpochTimer(), PeakMemoryMonitor(), TensorBoardHParams(), RunSummary()]
+
+
+__all__ = [
+    "EpochTimer",
+    "ModuleDescription",
+    "PeakMemoryMonitor",
+    "ProcessPeakRSS",
+    "RunSummary",
+    "TensorBoardHParams",
+    "default_callbacks",
+    "describe_module",
+]

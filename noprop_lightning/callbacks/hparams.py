@@ -1,0 +1,114 @@
+"""Fill TensorBoard's HPARAMS tab without a placeholder ``hp_metric``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from noprop_lightning.callbacks.summary import describe_module
+
+#: Scalar tags the HPARAMS tab shows next to the hyper-parameters (last value of each).
+DEFAULT_METRICS = (
+    "val/acc",
+    "val/loss",
+    "test/acc",
+    "train/loss_epoch",
+    "time/train_epoch_s",
+    "throughput/train_samples_per_s",
+)
+
+
+def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings (``a.b`` keys) into values TensorBoard accepts.
+
+    Numbers, strings and booleans are kept; ``None`` becomes ``"None"``; anything else
+    (sequences, callables, classes) becomes its ``str``.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class TensorBoardHParams(Callback):
+    """Write the run's hyper-parameters to TensorBoard's HPARAMS tab at the start of ``fit``.
+
+    Lightning's ``TensorBoardLogger`` only fills the HPARAMS tab together with metric
+    values; ``default_hp_metric=True`` does so with a placeholder ``hp_metric`` scalar, and
+    passing real metric names to ``log_hyperparams`` logs fake values (0 at step 0) into
+    those curves. This callback writes the HPARAMS summaries alone, naming existing scalar
+    tags (``val/acc``, ``time/train_epoch_s``, ...): TensorBoard then shows the last
+    logged value of each tag next to the hyper-parameters, and no scalar is invented.
+
+    The hyper-parameters are the module's ``hparams``, the data module's as ``data.<name>``,
+    and ``method``, ``execution`` and ``params`` from
+    :func:`~noprop_lightning.callbacks.summary.describe_module` (which
+    :mod:`noprop_lightning.report` reads back). Other loggers are left alone.
+
+    Args:
+        metrics: Scalar tags to show; ``None`` uses :data:`DEFAULT_METRICS` plus the peak
+            memory key of the device (``memory/train_peak_allocated_mib`` on CUDA, else
+            ``memory/train_peak_rss_mib``).
+    """
+
+    def __init__(self, metrics: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.metrics = None if metrics is None else list(metrics)
+
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """The flat hyper-parameter dict that is written."""
+        desc = describe_module(pl_module)
+        params: dict[str, Any] = {}
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and getattr(datamodule, "hparams", None):
+            params.update(flatten_hparams(dict(datamodule.hparams), "data."))
+        params.update(flatten_hparams(dict(pl_module.hparams)))
+        params.update(
+            {
+                "method": desc.method,
+                "execution": desc.execution,
+                "params": desc.params,
+                "module_class": type(pl_module).__name__,
+            }
+        )
+        return params
+
+    def metric_tags(self, pl_module: L.LightningModule) -> list[str]:
+        """The scalar tags named in the HPARAMS tab."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        memory = (
+            "memory/train_peak_allocated_mib"
+            if pl_module.device.type == "cuda"
+            else "memory/train_peak_rss_mib"
+        )
+        return [*DEFAULT_METRICS, memory]
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the HPARAMS summaries to every TensorBoard logger."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        params = self.collect(trainer, pl_module)
+        # The metric values of this call are never written: only their names are used.
+        metrics = dict.fromkeys(self.metric_tags(pl_module), 0.0)
+        experiment, start, end = hparams_summaries(params, metrics)
+        for logger in loggers:
+            # The same writer Lightning's own TensorBoardLogger.log_hyperparams uses.
+            writer = logger.experiment._get_file_writer()
+            for summary in (experiment, start, end):
+                writer.add_summary(summary)
+            writer.flush()

@@ -1,0 +1,192 @@
+"""A rich table at the end of ``fit`` and ``test``: what ran, how well, how fast, how big."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from noprop_lightning.callbacks.memory import PeakMemoryMonitor
+from noprop_lightning.callbacks.timing import EpochTimer
+
+#: Display names of the package's modules, by class name (other classes show their name).
+METHOD_NAMES = {
+    "NoPropModule": "NoProp-DT",
+    "NoPropCTModule": "NoProp-CT",
+    "NoPropFMModule": "NoProp-FM",
+    "BackpropModule": "Backprop",
+}
+
+
+@dataclass(frozen=True)
+class ModuleDescription:
+    """What a LightningModule is, for tables and TensorBoard's HPARAMS tab.
+
+    Attributes:
+        method: Display name: the module's ``method_name`` attribute if it has one, else
+            :data:`METHOD_NAMES` of its class, else the class name.
+        execution: The ``execution`` hyper-parameter (NoProp's block execution path), or
+            ``"backprop (<architecture>)"`` for modules with an ``architecture``
+            hyper-parameter, or ``"-"``.
+        params: Number of parameters (all of them, trainable or not).
+        trainable_params: Number of parameters that require gradients.
+    """
+
+    method: str
+    execution: str
+    params: int
+    trainable_params: int
+
+
+def describe_module(pl_module: L.LightningModule) -> ModuleDescription:
+    """Describe any LightningModule (see :class:`ModuleDescription`)."""
+    cls_name = type(pl_module).__name__
+    method = getattr(pl_module, "method_name", None)
+    if not isinstance(method, str):
+        method = METHOD_NAMES.get(cls_name, cls_name)
+    hparams: Any = getattr(pl_module, "hparams", {}) or {}
+    execution = hparams.get("execution") if hasattr(hparams, "get") else None
+    architecture = hparams.get("architecture") if hasattr(hparams, "get") else None
+    if isinstance(execution, str):
+        execution_text = execution
+    elif isinstance(architecture, str):
+        execution_text = f"backprop ({architecture})"
+    else:
+        execution_text = "-"
+    params = list(pl_module.parameters())
+    return ModuleDescription(
+        method=method,
+        execution=execution_text,
+        params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+    )
+
+
+def format_value(value: float | int | None, kind: str) -> str:
+    """Format a table cell: ``kind`` is ``"acc"``, ``"s"``, ``"mib"``, ``"rate"`` or ``"int"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if kind == "acc":
+        return f"{100 * value:.2f}%"
+    if kind == "s":
+        return f"{value:.2f} s"
+    if kind == "mib":
+        return f"{value:,.1f} MiB"
+    if kind == "rate":
+        return f"{value:,.0f}/s" if value >= 100 else f"{value:.1f}/s"
+    return f"{int(value):,}"
+
+
+class RunSummary(Callback):
+    """Print a rich table when ``fit`` ends and again when ``test`` ends.
+
+    Rows: method, execution path, parameters, epochs, best and final validation accuracy,
+    test accuracy (after ``test``), mean training-epoch time, mean training throughput and
+    peak memory. Times and memory come from :class:`EpochTimer` and
+    :class:`PeakMemoryMonitor` when they are in the trainer's callbacks (``-`` otherwise);
+    peak memory is the CUDA peak allocated memory on a GPU, else the process peak RSS.
+    Works with any LightningModule that logs the monitored accuracy keys.
+
+    The numbers of the last table are in :attr:`summary` (a dict) after each print.
+
+    Args:
+        val_metric: Validation accuracy key in ``trainer.callback_metrics``.
+        test_metric: Test accuracy key.
+        title: Table title; ``None`` uses ``"Run summary"``.
+    """
+
+    def __init__(
+        self, val_metric: str = "val/acc", test_metric: str = "test/acc", title: str | None = None
+    ) -> None:
+        super().__init__()
+        self.val_metric = val_metric
+        self.test_metric = test_metric
+        self.title = title or "Run summary"
+        self.val_history: list[float] = []
+        self.test_value: float | None = None
+        self.summary: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Forget the accuracies of a previous fit."""
+        self.val_history = []
+        self.test_value = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the validation accuracy (callback metrics are final by this hook)."""
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.val_metric)
+        if value is not None:
+            self.val_history.append(float(value))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the table after training."""
+        self._report(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the table with the test accuracy."""
+        value = trainer.callback_metrics.get(self.test_metric)
+        self.test_value = None if value is None else float(value)
+        self._report(trainer, pl_module, "test")
+
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Gather the numbers of the table (a dict; missing values are ``None``)."""
+        desc = describe_module(pl_module)
+        timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+        memory = next((c for c in trainer.callbacks if isinstance(c, PeakMemoryMonitor)), None)
+        times = [r["train_epoch_s"] for r in timer.history] if timer else []
+        samples = sum(r["train_samples"] for r in timer.history) if timer else 0.0
+        peak, peak_kind = None, None
+        if memory and memory.history:
+            key = "peak_allocated_mib" if "peak_allocated_mib" in memory.history[0] else None
+            key = key or "peak_rss_mib"
+            peak = max(r[key] for r in memory.history)
+            peak_kind = "CUDA allocated" if key == "peak_allocated_mib" else "process RSS"
+        return {
+            "method": desc.method,
+            "execution": desc.execution,
+            "params": desc.params,
+            "epochs": len(times) if timer else trainer.current_epoch,
+            "best_val_acc": max(self.val_history) if self.val_history else None,
+            "final_val_acc": self.val_history[-1] if self.val_history else None,
+            "test_acc": self.test_value,
+            "mean_epoch_s": fmean(times) if times else None,
+            # All samples over all time: a slow first epoch weighs by its duration.
+            "mean_samples_per_s": samples / sum(times) if times and sum(times) > 0 else None,
+            "peak_memory_mib": peak,
+            "peak_memory_kind": peak_kind,
+        }
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.summary = self.collect(trainer, pl_module)
+        self._print(self.summary, stage)
+
+    @rank_zero_only
+    def _print(self, s: dict[str, Any], stage: str) -> None:
+        table = Table(title=f"{self.title} (after {stage})", show_header=True)
+        table.add_column("quantity", style="bold")
+        table.add_column("value", justify="right")
+        kind = s["peak_memory_kind"]
+        memory_label = f"peak memory ({kind})" if kind else "peak memory"
+        rows = [
+            ("method", s["method"]),
+            ("execution path", s["execution"]),
+            ("parameters", format_value(s["params"], "int")),
+            ("epochs", format_value(s["epochs"], "int")),
+            ("best val acc", format_value(s["best_val_acc"], "acc")),
+            ("final val acc", format_value(s["final_val_acc"], "acc")),
+            ("test acc", format_value(s["test_acc"], "acc")),
+            ("mean train epoch time", format_value(s["mean_epoch_s"], "s")),
+            ("mean train throughput", format_value(s["mean_samples_per_s"], "rate")),
+            (memory_label, format_value(s["peak_memory_mib"], "mib")),
+        ]
+        for name, value in rows:
+            table.add_row(name, value)
+        Console().print(table)

@@ -1,0 +1,211 @@
+"""Wall-clock time and throughput of every training, validation and test epoch."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from noprop_lightning.callbacks._utils import (
+    BatchSizeFn,
+    batch_size_of,
+    log_scalars,
+    reduce_across_ranks,
+    synchronize,
+)
+
+
+class _Stopwatch:
+    """Accumulates wall time over several running spans (pause / resume)."""
+
+    def __init__(self) -> None:
+        self.elapsed = 0.0
+        self._started: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._started is not None
+
+    def restart(self) -> None:
+        self.elapsed = 0.0
+        self._started = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._started is not None:
+            self.elapsed += time.perf_counter() - self._started
+            self._started = None
+
+
+class EpochTimer(Callback):
+    """Log the wall time and throughput of each epoch under ``time/`` and ``throughput/``.
+
+    Logged keys (seconds and samples per second):
+
+    * ``time/train_epoch_s``, ``throughput/train_samples_per_s``: one training epoch,
+      **excluding** the validation that Lightning runs inside it (the clock pauses while
+      validating).
+    * ``time/val_epoch_s``, ``throughput/val_samples_per_s``: each pass over the validation
+      set (not the sanity check).
+    * ``time/test_epoch_s``, ``throughput/test_samples_per_s``: each pass over the test set.
+
+    On a CUDA device the clock is read after ``torch.cuda.synchronize``, so queued kernels
+    are counted in the epoch they belong to. Under DDP the time is the maximum over ranks
+    (the slowest rank sets the pace) and the sample count is the sum over ranks, so the
+    throughput is that of the whole job. Works with any LightningModule: nothing here
+    depends on this package's modules.
+
+    Per-training-epoch records (after reduction) are kept in :attr:`history`, a list of
+    dicts with keys ``epoch``, ``train_epoch_s``, ``train_samples``,
+    ``train_samples_per_s`` and, when a validation ran in that epoch, ``val_epoch_s``.
+
+    Args:
+        batch_size_fn: Returns the number of samples of a batch; by default the first
+            dimension of the first tensor found in the batch.
+    """
+
+    def __init__(self, batch_size_fn: BatchSizeFn | None = None) -> None:
+        super().__init__()
+        self.batch_size_fn = batch_size_fn
+        self.history: list[dict[str, float]] = []
+        self._train = _Stopwatch()
+        self._eval = _Stopwatch()
+        self._train_samples = 0
+        self._eval_samples = 0
+        self._val_seconds_this_epoch: float | None = None
+        self._paused_for_validation = False
+        self._epoch_started = False
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the training clock."""
+        synchronize(pl_module)
+        self._train_samples = 0
+        self._val_seconds_this_epoch = None
+        self._epoch_started = True
+        self._train.restart()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the samples of the batch."""
+        self._train_samples += batch_size_of(batch, self.batch_size_fn)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop the training clock and log ``time/train_epoch_s`` and the throughput."""
+        if not self._epoch_started:
+            # Resumed from a mid-epoch checkpoint: the epoch's start was never timed.
+            return
+        self._epoch_started = False
+        synchronize(pl_module)
+        self._train.pause()
+        seconds = reduce_across_ranks(trainer, pl_module, {"s": self._train.elapsed}, op="max")["s"]
+        samples = reduce_across_ranks(
+            trainer, pl_module, {"n": float(self._train_samples)}, op="sum"
+        )["n"]
+        rate = samples / seconds if seconds > 0 else 0.0
+        log_scalars(
+            pl_module,
+            {"time/train_epoch_s": seconds, "throughput/train_samples_per_s": rate},
+        )
+        record = {
+            "epoch": float(trainer.current_epoch),
+            "train_epoch_s": seconds,
+            "train_samples": samples,
+            "train_samples_per_s": rate,
+        }
+        if self._val_seconds_this_epoch is not None:
+            record["val_epoch_s"] = self._val_seconds_this_epoch
+        self.history.append(record)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Pause the training clock: validation is timed on its own."""
+        if trainer.sanity_checking or not self._train.running:
+            return
+        synchronize(pl_module)
+        self._train.pause()
+        self._paused_for_validation = True
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the evaluation clock."""
+        if not trainer.sanity_checking:
+            self._start_eval(pl_module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Count the samples of the batch."""
+        if not trainer.sanity_checking:
+            self._eval_samples += batch_size_of(batch, self.batch_size_fn)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log ``time/val_epoch_s`` and ``throughput/val_samples_per_s``."""
+        if trainer.sanity_checking:
+            return
+        seconds = self._finish_eval(trainer, pl_module, "val")
+        if self._paused_for_validation:
+            self._val_seconds_this_epoch = (self._val_seconds_this_epoch or 0.0) + seconds
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resume the training clock after a validation inside a training epoch."""
+        if self._paused_for_validation:
+            self._paused_for_validation = False
+            self._train.resume()
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the evaluation clock."""
+        self._start_eval(pl_module)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Count the samples of the batch."""
+        self._eval_samples += batch_size_of(batch, self.batch_size_fn)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log ``time/test_epoch_s`` and ``throughput/test_samples_per_s``."""
+        self._finish_eval(trainer, pl_module, "test")
+
+    # ------------------------------------------------------------------ helpers
+    def _start_eval(self, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module)
+        self._eval_samples = 0
+        self._eval.restart()
+
+    def _finish_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> float:
+        synchronize(pl_module)
+        self._eval.pause()
+        seconds = reduce_across_ranks(trainer, pl_module, {"s": self._eval.elapsed}, op="max")["s"]
+        samples = reduce_across_ranks(
+            trainer, pl_module, {"n": float(self._eval_samples)}, op="sum"
+        )["n"]
+        rate = samples / seconds if seconds > 0 else 0.0
+        log_scalars(
+            pl_module,
+            {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate},
+        )
+        return seconds

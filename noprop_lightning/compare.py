@@ -1,0 +1,370 @@
+"""NoProp or backprop, on my data? Train both with the same budget and compare.
+
+Usage::
+
+    python -m noprop_lightning.compare --dataset mnist [--size small] [--epochs N]
+        [--batch-size B] [--lr LR] [--execution PATH] [--data-dir DIR] [--train-subset N]
+        [--out results/compare_mnist] [-- EXTRA LIGHTNINGCLI ARGS]
+
+Trains NoProp-DT from ``configs/noprop_<dataset>[_small].yaml`` and the backprop baseline
+from ``configs/backprop_<dataset>[_small].yaml``, one after the other, each in its own
+Python process (so the peak memory of one run does not include what the other left
+behind), with the same overrides for both: epochs, batch size, learning rate, data folder,
+training subset. ``--execution`` applies to NoProp only. Anything after ``--`` is passed
+to both runs as LightningCLI arguments (e.g. ``-- --trainer.limit_train_batches 10``).
+Each run is tested on the test split after fitting (best checkpoint by validation
+accuracy). Lightning's progress bar shows while each run trains.
+
+The TensorBoard runs go to ``<log-dir>/compare_<dataset>[_small]/<timestamp>/{noprop_dt,
+backprop}``; then :func:`noprop_lightning.report.report` prints the comparison table and
+writes ``summary.md`` and the PNG plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from noprop_lightning.errors import ConfigurationError, NoPropUserError
+from noprop_lightning.report import ReportResult, report
+
+SIZES = {"paper": "", "small": "_small"}
+#: The code each run executes: the package's LightningCLI entry point.
+CLI_CODE = "from noprop_lightning.cli import main; main()"
+
+
+class CompareError(NoPropUserError):
+    """Raised when a run of the comparison fails or its logs cannot be found."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the comparison.
+
+    Attributes:
+        key: Folder name of the run (``noprop_dt`` or ``backprop``).
+        title: What the progress header calls it.
+        config: The LightningCLI config file.
+        args: The full argument list after the program name (``fit --config ...``).
+        log_dir: Where its TensorBoard events land.
+    """
+
+    key: str
+    title: str
+    config: Path
+    args: list[str]
+    log_dir: Path
+
+
+def default_config_dir() -> Path:
+    """``configs/`` of the source checkout, else ``./configs``."""
+    beside_package = Path(__file__).resolve().parent.parent / "configs"
+    return beside_package if beside_package.is_dir() else Path.cwd() / "configs"
+
+
+def available_datasets(config_dir: Path, size: str = "paper") -> list[str]:
+    """Datasets with both ``noprop_<name><suffix>.yaml`` and ``backprop_<name><suffix>.yaml``."""
+    suffix = SIZES[size]
+    names = []
+    for path in sorted(config_dir.glob("noprop_*.yaml")):
+        stem = path.stem[len("noprop_") :]
+        if stem.endswith("_small") != bool(suffix):
+            continue
+        name = stem[: len(stem) - len(suffix)]
+        if (config_dir / f"backprop_{name}{suffix}.yaml").is_file():
+            names.append(name)
+    return names
+
+
+def resolve_configs(config_dir: Path, dataset: str, size: str) -> tuple[Path, Path]:
+    """The NoProp and backprop config files of ``dataset``.
+
+    Raises:
+        ConfigurationError: If the folder or either file is missing.
+    """
+    if not config_dir.is_dir():
+        raise ConfigurationError(
+            f"config folder {str(config_dir)!r} not found: run from the repository root or "
+            "pass --config-dir"
+        )
+    suffix = SIZES[size]
+    noprop = config_dir / f"noprop_{dataset}{suffix}.yaml"
+    backprop = config_dir / f"backprop_{dataset}{suffix}.yaml"
+    if not (noprop.is_file() and backprop.is_file()):
+        known = ", ".join(available_datasets(config_dir, size)) or "none"
+        raise ConfigurationError(
+            f"no config pair for dataset {dataset!r} with --size {size} in {config_dir} "
+            f"(looked for {noprop.name} and {backprop.name}); datasets with both configs: "
+            f"{known}"
+        )
+    return noprop, backprop
+
+
+def check_execution(execution: str | None) -> None:
+    """Raise :class:`ConfigurationError` unless ``execution`` names a known block executor."""
+    if execution is None:
+        return
+    from noprop_lightning.execution import EXECUTORS
+
+    if execution not in EXECUTORS:
+        raise ConfigurationError(
+            f"unknown --execution {execution!r}: choose one of {', '.join(sorted(EXECUTORS))}"
+        )
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """LightningCLI arguments shared by both runs (the common budget)."""
+    out: list[str] = []
+    if args.epochs is not None:
+        out += ["--trainer.max_epochs", str(args.epochs)]
+    if args.batch_size is not None:
+        out += ["--data.init_args.batch_size", str(args.batch_size)]
+    if args.lr is not None:
+        out += ["--model.init_args.optimizer.init_args.lr", str(args.lr)]
+    if args.data_dir is not None:
+        out += ["--data.init_args.data_dir", str(args.data_dir)]
+    if args.train_subset is not None:
+        out += ["--data.init_args.train_subset", str(args.train_subset)]
+    return out
+
+
+def plan_runs(args: argparse.Namespace, extra: Sequence[str], stamp: str) -> list[PlannedRun]:
+    """The two runs (NoProp-DT first), with their arguments and log folders."""
+    config_dir = Path(args.config_dir) if args.config_dir else default_config_dir()
+    noprop, backprop = resolve_configs(config_dir, args.dataset, args.size)
+    check_execution(args.execution)
+    group = f"compare_{args.dataset}{SIZES[args.size]}"
+    save_dir = Path(args.log_dir) / group
+    shared = common_overrides(args)
+    runs = []
+    for key, title, config in (
+        ("noprop_dt", "NoProp-DT", noprop),
+        ("backprop", "Backprop baseline", backprop),
+    ):
+        specific = []
+        if key == "noprop_dt" and args.execution is not None:
+            specific = ["--model.init_args.execution", args.execution]
+        logger = [
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.logger.init_args.name",
+            stamp,
+            "--trainer.logger.init_args.version",
+            key,
+        ]
+        cli_args = ["fit", "--config", str(config), *shared, *specific, *logger, *extra]
+        runs.append(PlannedRun(key, title, config, cli_args, save_dir / stamp / key))
+    return runs
+
+
+def run_one(
+    run: PlannedRun, console: Console, index: int, total: int, in_process: bool = False
+) -> Path:
+    """Train (and test) one run; return its log folder.
+
+    Args:
+        run: The planned run.
+        console: Where the progress header goes.
+        index: 1-based position of the run, for the header.
+        total: Number of runs, for the header.
+        in_process: Run the LightningCLI in this process instead of a child process: no
+            interpreter start-up, but the process peak RSS of a later run then includes
+            what earlier runs left allocated (CUDA peaks are unaffected).
+
+    Raises:
+        CompareError: If the run fails or leaves no log folder.
+    """
+    console.rule(f"[bold]{index}/{total}: {run.title}[/] ({run.config.name})")
+    console.print("[dim]" + " ".join(run.args) + "[/]", highlight=False)
+    if in_process:
+        status = _run_in_process(run.args)
+    else:
+        status = subprocess.run([sys.executable, "-c", CLI_CODE, *run.args], check=False).returncode
+    if status != 0:
+        raise CompareError(
+            f"the {run.title} run failed with exit status {status} (its error is printed "
+            f"above); config {run.config}, arguments: {' '.join(run.args[1:])}"
+        )
+    if not run.log_dir.is_dir():
+        raise CompareError(
+            f"the {run.title} run finished but wrote no logs to {run.log_dir}: does its "
+            "config use a TensorBoardLogger?"
+        )
+    return run.log_dir
+
+
+def _run_in_process(args: list[str]) -> int:
+    from noprop_lightning.cli import main as cli_main
+
+    # LightningCLI warns when sys.argv also holds arguments (ours): hide them during the run.
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0]]
+    try:
+        cli_main(args)
+    except SystemExit as exit_:  # the CLI exits on bad arguments and user errors
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def _ratio_text(name_a: str, a: float, name_b: str, b: float, lower_is_better: str) -> str:
+    if a <= 0 or b <= 0:
+        return ""
+    if max(a, b) / min(a, b) < 1.02:
+        return "about the same"
+    if a < b:
+        return f"{name_a} {b / a:.2f}x {lower_is_better}"
+    return f"{name_b} {a / b:.2f}x {lower_is_better}"
+
+
+def verdict(result: ReportResult) -> list[str]:
+    """Plain-language lines comparing the two runs of :func:`compare` (NoProp first)."""
+    (a, b) = result.runs[:2]
+    sa, sb = a.summary(), b.summary()
+    lines = []
+    metric, key = (
+        ("test", "test_acc") if sa["test_acc"] is not None else ("best val", "best_val_acc")
+    )
+    if sa[key] is not None and sb[key] is not None:
+        diff = 100 * (sa[key] - sb[key])
+        leader = a.label if diff > 0 else b.label
+        gap = "tie" if abs(diff) < 0.005 else f"{leader} +{abs(diff):.2f} points"
+        lines.append(
+            f"Accuracy ({metric}): {a.label} {100 * sa[key]:.2f}% vs {b.label} "
+            f"{100 * sb[key]:.2f}% -> {gap}"
+        )
+    if sa["mean_epoch_s"] and sb["mean_epoch_s"]:
+        lines.append(
+            f"Training epoch time: {a.label} {sa['mean_epoch_s']:.1f} s vs {b.label} "
+            f"{sb['mean_epoch_s']:.1f} s -> "
+            + _ratio_text(a.label, sa["mean_epoch_s"], b.label, sb["mean_epoch_s"], "faster")
+        )
+    if sa["peak_memory_mib"] and sb["peak_memory_mib"]:
+        lines.append(
+            f"Peak training memory ({sa['peak_memory_kind']}): {a.label} "
+            f"{sa['peak_memory_mib']:,.0f} MiB vs {b.label} {sb['peak_memory_mib']:,.0f} MiB -> "
+            + _ratio_text(a.label, sa["peak_memory_mib"], b.label, sb["peak_memory_mib"], "leaner")
+        )
+    epochs = {sa["epochs"], sb["epochs"]}
+    lines.append(
+        f"Budget: {', '.join(str(e) for e in sorted(epochs))} epoch(s) each. A small budget "
+        "answers 'which is faster and leaner'; accuracy needs the full budget to settle."
+    )
+    return lines
+
+
+def compare(argv: Sequence[str] | None = None, console: Console | None = None) -> ReportResult:
+    """Run the comparison described by command-line arguments ``argv``.
+
+    Returns:
+        The report of the two runs.
+
+    Raises:
+        ConfigurationError: For unknown datasets, configs or execution paths.
+        CompareError: If a run fails.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, extra = argv, []
+    if "--" in argv:
+        split = argv.index("--")
+        own, extra = argv[:split], argv[split + 1 :]
+    args = build_parser().parse_args(own)
+    console = console or Console()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = plan_runs(args, extra, stamp)
+    run_dirs = [
+        run_one(run, console, i, len(runs), in_process=args.in_process)
+        for i, run in enumerate(runs, start=1)
+    ]
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("results") / f"compare_{args.dataset}{SIZES[args.size]}"
+    )
+    console.rule("[bold]comparison[/]")
+    result = report(
+        run_dirs, out, console=console, title=f"NoProp-DT vs backprop on {args.dataset}"
+    )
+    for line in verdict(result):
+        console.print(line, highlight=False)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m noprop_lightning.compare``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m noprop_lightning.compare",
+        description="Train NoProp-DT and the backprop baseline with the same budget from the "
+        "shipped configs, then print a comparison table and write PNG plots. Arguments after "
+        "'--' go to both runs as LightningCLI arguments.",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="dataset name of the config pair configs/{noprop,backprop}_<dataset>.yaml: "
+        "mnist, cifar10, cifar100, digits",
+    )
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="paper",
+        help="'paper' uses <method>_<dataset>.yaml, 'small' the narrow *_small.yaml configs "
+        "meant for CPUs (default: paper)",
+    )
+    parser.add_argument("--epochs", type=_positive_int, help="max_epochs of both runs")
+    parser.add_argument("--batch-size", type=_positive_int, help="batch size of both runs")
+    parser.add_argument("--lr", type=_positive_float, help="learning rate of every optimizer")
+    parser.add_argument("--execution", help="NoProp block execution path (e.g. sequential)")
+    parser.add_argument("--data-dir", help="folder with the dataset files")
+    parser.add_argument(
+        "--train-subset", type=_positive_int, help="train on the first N training images only"
+    )
+    parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root folder")
+    parser.add_argument(
+        "--out", help="folder for summary.md and the PNGs (default: results/compare_<dataset>)"
+    )
+    parser.add_argument("--config-dir", help="folder with the configs (default: configs/)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run both trainings in this process (quicker start, used by the tests); the "
+        "process peak RSS of the second run then includes what the first left behind",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 after a user error)."""
+    try:
+        compare(argv)
+    except NoPropUserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The report reads real event files of tiny runs and writes the table and PNG plots."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+from torch.utils.tensorboard import SummaryWriter
+
+from noprop_lightning import BackpropModule, NoPropModule
+from noprop_lightning.callbacks import default_callbacks
+from noprop_lightning.report import PLOTS, ReportError, load_runs, main, report
+from tests.helpers import TINY, tiny_loader, tiny_trainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_run(root, name, model, epochs=2):
+    callbacks = default_callbacks()
+    logger = TensorBoardLogger(str(root), name=name, default_hp_metric=False)
+    trainer = tiny_trainer(root, max_epochs=epochs, logger=logger, callbacks=callbacks)
+    trainer.fit(model, tiny_loader(n=32, batch_size=8), tiny_loader(n=16, batch_size=8, seed=1))
+    trainer.test(model, tiny_loader(n=16, batch_size=8, seed=2), verbose=False)
+    return SimpleNamespace(
+        log_dir=logger.log_dir, timer=callbacks[0], memory=callbacks[1], summary=callbacks[3]
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    torch.manual_seed(0)
+    noprop = tiny_run(root, "noprop", NoPropModule(**TINY, num_blocks=2, encoder="mlp"))
+    backprop = tiny_run(root, "backprop", BackpropModule(**TINY, num_blocks=2, encoder="mlp"))
+    return SimpleNamespace(root=root, noprop=noprop, backprop=backprop)
+
+
+def test_report_table_matches_what_the_runs_measured(runs, tmp_path):
+    console = Console(record=True, width=140)
+    result = report([runs.noprop.log_dir, runs.backprop.log_dir], tmp_path, console=console)
+    assert [r.label for r in result.runs] == ["NoProp-DT", "Backprop"]
+    for run, measured in zip(result.runs, (runs.noprop, runs.backprop), strict=True):
+        s = run.summary()
+        live = measured.summary.summary  # what RunSummary computed during the run
+        assert s["method"] == live["method"]
+        assert s["execution"] == live["execution"]
+        assert s["params"] == live["params"]
+        assert s["epochs"] == live["epochs"] == 2
+        # Event files store float32: compare with a float32 tolerance.
+        for key in ("best_val_acc", "final_val_acc", "test_acc", "mean_epoch_s"):
+            assert s[key] == pytest.approx(live[key], rel=1e-5), key
+        assert s["mean_samples_per_s"] == pytest.approx(live["mean_samples_per_s"], rel=1e-4)
+        assert s["peak_memory_mib"] == pytest.approx(live["peak_memory_mib"], rel=1e-5)
+    text = console.export_text()
+    for needle in ("NoProp-DT", "Backprop", "sequential", "backprop (chained)", "test acc"):
+        assert needle in text
+    markdown = result.markdown.read_text().splitlines()
+    assert markdown[0] == "| quantity | NoProp-DT | Backprop |"
+    assert any(line.startswith("| test acc |") for line in markdown)
+
+
+def test_report_writes_one_png_per_quantity(runs, tmp_path):
+    result = report([runs.root], tmp_path / "out", console=Console(file=None, quiet=True))
+    assert len(result.runs) == 2  # the parent folder expands to both runs
+    names = sorted(p.name for p in result.figures)
+    assert names == sorted(spec.filename for spec in PLOTS)
+    for path in result.figures:
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+        assert image.std() > 0.01  # not a blank canvas
+
+
+def test_values_are_placed_on_their_epochs(runs):
+    (run,) = load_runs([runs.noprop.log_dir])
+    epochs, values = run.by_epoch("val/acc")
+    assert epochs == [1, 2]
+    assert values == pytest.approx(runs.noprop.summary.val_history, rel=1e-6)
+    epochs, times = run.by_epoch("time/train_epoch_s")
+    assert epochs == [1, 2]
+    assert times == pytest.approx([r["train_epoch_s"] for r in runs.noprop.timer.history])
+
+
+def test_duplicate_labels_get_the_folder(runs, tmp_path):
+    loaded = load_runs([runs.noprop.log_dir, runs.noprop.log_dir])  # same folder once
+    assert len(loaded) == 1
+    second = tmp_path / "copy" / "version_0"
+    second.mkdir(parents=True)
+    for f in Path(runs.noprop.log_dir).glob("events.out.tfevents.*"):
+        (second / f.name).write_bytes(f.read_bytes())
+    labels = [r.label for r in load_runs([runs.noprop.log_dir, second])]
+    assert labels[0].startswith("NoProp-DT [") and labels[1] == "NoProp-DT [copy/version_0]"
+
+
+def test_folder_without_events_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="no TensorBoard event files"):
+        report([empty], tmp_path / "out")
+    assert main([str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no TensorBoard event files") and str(empty) in err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_events_without_scalars_are_a_clear_error(tmp_path):
+    writer = SummaryWriter(str(tmp_path / "crashed"))
+    writer.add_text("note", "started")
+    writer.close()
+    with pytest.raises(ReportError, match="hold no scalars"):
+        load_runs([tmp_path / "crashed"])
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_runs_as_a_module(runs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli_out"
+    argv = ["noprop_lightning.report", runs.noprop.log_dir, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("noprop_lightning.report", run_name="__main__")
+    assert exit_.value.code == 0
+    assert "Run comparison" in capsys.readouterr().out
+    assert (out / "val_acc.png").is_file() and (out / "summary.md").is_file()
