@@ -1,5 +1,11 @@
 """noprop-lightning: NoProp and backprop image classifiers in PyTorch Lightning."""
 
+from noprop_lightning.callbacks import (
+    EpochTimer,
+    PeakMemoryMonitor,
+    RunSummary,
+    TensorBoardHParams,
+)
 from noprop_lightning.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -7,10 +13,21 @@ from noprop_lightning.data import (
     ImageClassificationDataModule,
     MNISTDataModule,
 )
-from noprop_lightning.diffusion import CosineSchedule
+from noprop_lightning.diffusion import CosineSchedule, LearnableSchedule
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError, NoPropUserError
-from noprop_lightning.modules import BackpropModule, ClassifierModule, NoPropModule
-from noprop_lightning.nets import ConvEncoder, DenoisingBlock, LabelEmbedding
+from noprop_lightning.modules import (
+    BackpropModule,
+    ClassifierModule,
+    NoPropCTModule,
+    NoPropFMModule,
+    NoPropModule,
+)
+from noprop_lightning.nets import (
+    ConvEncoder,
+    DenoisingBlock,
+    LabelEmbedding,
+    TimeConditionedBlock,
+)
 
 __version__ = "0.1.0"
 
@@ -25,9 +42,17 @@ __all__ = [
     "DatasetNotFoundError",
     "DenoisingBlock",
     "DigitsDataModule",
+    "EpochTimer",
     "ImageClassificationDataModule",
     "LabelEmbedding",
+    "LearnableSchedule",
     "MNISTDataModule",
+    "NoPropCTModule",
+    "NoPropFMModule",
     "NoPropModule",
     "NoPropUserError",
+    "PeakMemoryMonitor",
+    "RunSummary",
+    "TensorBoardHParams",
+    "TimeConditionedBlock",
 ]
