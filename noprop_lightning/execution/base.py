@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from noprop_lightning.modules.noprop import NoPropModule
 
 
+class BlockExecutionError(RuntimeError):
+    """A block's update failed inside an executor; the message names the block (1-based)."""
+
+
 class BlockExecutor(Protocol):
     """Computes the denoising losses of some blocks and back-propagates each into its block.
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_lightning.diffusion import CosineSchedule
+from noprop_lightning.diffusion import CosineSchedule, build_diffusion_ops
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import build_executor
 from noprop_lightning.modules.base import ClassifierModule, check_positive_int
@@ -57,7 +57,17 @@ class NoPropModule(ClassifierModule):
         block_order: ``"all"`` updates every block on every batch; ``"random"`` one block,
             drawn uniformly, per batch (same objective in expectation).
         inference: ``"stochastic"`` (the paper) or ``"deterministic"``.
-        execution: How the block updates run: see :mod:`noprop_lightning.execution`.
+        execution: How the block updates of a training step run: ``"sequential"`` (one
+            block at a time; lowest memory), ``"threaded"`` (a thread pool; one CUDA stream
+            per worker) or ``"fused"`` (chunks of blocks vectorised with ``torch.func.vmap``).
+            All give the same losses and gradients; see :mod:`noprop_lightning.execution`.
+        num_threads: Worker threads of ``execution="threaded"`` (``None``: one per CPU core,
+            at most one per block).
+        fused_chunk_size: Blocks per vectorised chunk of ``execution="fused"`` (``None``:
+            all blocks in one chunk).
+        diffusion_backend: ``"torch"`` or ``"numba"`` (fused CPU kernels) for the noisy-label
+            sampling, the weighted denoising losses and the inference update; see
+            :mod:`noprop_lightning.diffusion.ops`.
         optimizer: Factory called once per block and once for the head/embedding.
         scheduler: Optional LR-scheduler factory, called once per optimizer, stepped per epoch.
     """
@@ -80,6 +90,9 @@ class NoPropModule(ClassifierModule):
         block_order: str = "all",
         inference: str = "stochastic",
         execution: str = "sequential",
+        num_threads: int | None = None,
+        fused_chunk_size: int | None = None,
+        diffusion_backend: str = "torch",
         optimizer: OptimizerCallable = paper_adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -104,7 +117,8 @@ class NoPropModule(ClassifierModule):
         self.inference = inference
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.executor = build_executor(execution)
+        self.executor = build_executor(execution, num_threads, fused_chunk_size)
+        self.diffusion = build_diffusion_ops(diffusion_backend)
 
         self.embedding = LabelEmbedding(
             embedding, num_classes, embed_dim, (in_channels, image_size, image_size)
@@ -123,16 +137,30 @@ class NoPropModule(ClassifierModule):
         return self.embedding.dim
 
     def setup(self, stage: str) -> None:
-        """Initialise prototype embeddings from the data module's training images."""
+        """Initialise prototype embeddings from the data module's training images.
+
+        Raises:
+            ConfigurationError: If ``diffusion_backend="numba"`` is asked to run on an
+                accelerator (its kernels are CPU-only; it never falls back to torch).
+        """
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        if self.diffusion.name == "numba" and device is not None and device.type != "cpu":
+            raise ConfigurationError(
+                f"diffusion_backend='numba' has CPU kernels only, but the trainer runs on "
+                f"{device}: use diffusion_backend='torch' there"
+            )
         self.init_prototypes_from_data(self.embedding)
 
     def configure_optimizers(self) -> Any:
         """One optimizer per block, then one for the head and embedding (the last one)."""
-        optimizers = [self.optimizer_factory(block.parameters()) for block in self.blocks]
+        optimizers = [
+            self.build_optimizer(block.parameters(), f"block {t + 1}")
+            for t, block in enumerate(self.blocks)
+        ]
         head_params = list(self.head.parameters())
         if self.embedding.trainable:
             head_params += list(self.embedding.parameters())
-        optimizers.append(self.optimizer_factory(head_params))
+        optimizers.append(self.build_optimizer(head_params, "the head and embedding"))
         if self.scheduler_factory is None:
             return optimizers
         schedulers = [self.scheduler_factory(opt) for opt in optimizers]
@@ -158,9 +186,44 @@ class NoPropModule(ClassifierModule):
             The scalar loss ``w_t * mean_b ||uhat - u_y||^2``.
         """
         u = self.embedding(y)
-        z_in = self.schedule.sample_marginal(u, t, noise)
+        z_in = self.sample_noisy_labels(u, [t], noise.unsqueeze(0))[0]
         uhat = denoise(self.blocks[t](x, z_in), self.embedding.weight)
-        return self.block_weights[t] * (uhat - u).pow(2).sum(dim=-1).mean()
+        return self.weighted_denoising_losses(uhat.unsqueeze(0), u, [t])[0]
+
+    def sample_noisy_labels(
+        self, u: torch.Tensor, steps: Sequence[int], noise: torch.Tensor
+    ) -> torch.Tensor:
+        """``z_s ~ q(z_s | y)`` for several steps ``s`` at once, with the diffusion backend.
+
+        Args:
+            u: ``(B, d)`` clean label embeddings (gradients flow back into them).
+            steps: Time indices in ``0..T``; block ``t`` (0-based) reads step ``t``.
+            noise: ``(len(steps), B, d)`` standard normal noise.
+
+        Returns:
+            ``(len(steps), B, d)`` noisy labels.
+        """
+        return self.diffusion.sample_marginals(
+            u,
+            _select(self.schedule.sqrt_abar, steps),
+            _select(self.schedule.sqrt_one_minus_abar, steps),
+            noise,
+        )
+
+    def weighted_denoising_losses(
+        self, uhat: torch.Tensor, u: torch.Tensor, block_ids: Sequence[int]
+    ) -> torch.Tensor:
+        """The blocks' weighted denoising losses, with the diffusion backend.
+
+        Args:
+            uhat: ``(len(block_ids), B, d)`` the blocks' estimates of the clean embedding.
+            u: ``(B, d)`` clean label embeddings.
+            block_ids: 0-based block indices.
+
+        Returns:
+            ``(len(block_ids),)`` losses ``w_t * mean_b ||uhat - u_y||^2``.
+        """
+        return self.diffusion.denoising_losses(uhat, u, _select(self.block_weights, block_ids))
 
     def head_loss(self, y: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the head on ``z_T ~ q(z_T | y)`` and the KL prior term.
@@ -173,7 +236,7 @@ class NoPropModule(ClassifierModule):
             ``(ce, kl)`` scalars.
         """
         u = self.embedding(y)
-        z_final = self.schedule.sample_marginal(u, self.num_blocks, noise)
+        z_final = self.sample_noisy_labels(u, [self.num_blocks], noise.unsqueeze(0))[0]
         ce = F.cross_entropy(self.head(z_final), y)
         return ce, self.schedule.kl_prior(u)
 
@@ -187,7 +250,8 @@ class NoPropModule(ClassifierModule):
         """0-based indices of the blocks to update in this training step."""
         if self.block_order == "all":
             return list(range(self.num_blocks))
-        return [int(torch.randint(self.num_blocks, ()).item())]
+        # Under DDP every process must step the same block, or the weights drift apart.
+        return [self.same_on_every_rank(int(torch.randint(self.num_blocks, ()).item()))]
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -201,7 +265,7 @@ class NoPropModule(ClassifierModule):
             opt.zero_grad(set_to_none=True)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
-        one_backward = self._trainer is not None and self.trainer.world_size > 1
+        one_backward = self.needs_single_backward()
         block_losses = self.executor.run(
             self, x, y, block_noise, block_ids, backward=not one_backward
         )
@@ -211,21 +275,42 @@ class NoPropModule(ClassifierModule):
             block_losses = block_losses.detach()
         else:
             self.manual_backward(ce + kl)
+        # Before any step: a NaN must not reach the weights (or, later, a checkpoint).
+        named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
+        self.check_finite_losses({**named, "head cross-entropy": ce, "KL": kl}, batch_idx)
         for t in block_ids:
             optimizers[t].step()
         optimizers[-1].step()
 
         total = block_losses.sum() + ce.detach() + kl.detach()
         batch_size = len(y)
+        # sync_dist: under DDP the logged epoch values are means over every process's batches.
         self.log(
-            "train/loss", total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size
+            "train/loss",
+            total,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
         )
-        epoch_only = {"on_step": False, "on_epoch": True, "batch_size": batch_size}
+        epoch_only = {
+            "on_step": False,
+            "on_epoch": True,
+            "batch_size": batch_size,
+            "sync_dist": True,
+        }
         self.log("train/loss_head", ce, **epoch_only)
         self.log("train/kl", kl, **epoch_only)
         for t, loss in zip(block_ids, block_losses, strict=True):
             self.log(f"train/loss_block_{t + 1}", loss, **epoch_only)
         return total
+
+    def on_train_start(self) -> None:
+        """Refuse ``block_order="random"`` under DDP without unused-parameter detection."""
+        super().on_train_start()
+        if self.block_order == "random":
+            self.require_find_unused_parameters("block_order='random' updates one block per step")
 
     def on_train_epoch_end(self) -> None:
         """Step the per-optimizer LR schedulers once per epoch."""
@@ -264,5 +349,16 @@ class NoPropModule(ClassifierModule):
         for t, block in enumerate(self.blocks, start=1):
             uhat = denoise(block(x, z), weight)
             noise = None if deterministic else torch.randn_like(z)
-            z = self.schedule.inference_step(t, uhat, z, noise)
+            i = t - 1
+            z = self.diffusion.inference_update(
+                uhat, z, self.schedule.a[i], self.schedule.b[i], self.schedule.sqrt_c[i], noise
+            )
         return self.head(z)
+
+
+def _select(values: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """``values[indices]`` as a slice (no copy, no host-to-device index) when contiguous."""
+    first = indices[0]
+    if list(indices) == list(range(first, first + len(indices))):
+        return values[first : first + len(indices)]
+    return values[torch.as_tensor(list(indices), device=values.device)]

@@ -1,0 +1,272 @@
+"""The Numba diffusion kernels match torch element for element, really run, and refuse clearly.
+
+Both backends consume the same torch noise, so comparisons are for identical random draws.
+Tolerances: sampling and the inference update are compared bit for bit (``torch.equal``: same
+operations in the same order, no fused multiply-add); the losses and the gradient w.r.t.
+``u`` sum in a different order, so they use ``rtol=1e-6`` in float32 and ``rtol=1e-12`` in
+float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+
+from noprop_lightning import NoPropModule
+from noprop_lightning.diffusion import (
+    CosineSchedule,
+    NumbaDiffusionOps,
+    TorchDiffusionOps,
+    build_diffusion_ops,
+)
+from noprop_lightning.diffusion import ops as ops_module
+from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.execution import build_executor
+from tests.helpers import TINY, tiny_batch
+
+TORCH, NUMBA = TorchDiffusionOps(), NumbaDiffusionOps()
+TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-7}, torch.float64: {"rtol": 1e-12, "atol": 1e-14}}
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """One torch thread (fast on a loaded 2-core machine); Numba keeps its own threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_variant(request, monkeypatch):
+    """Force the serial or the ``parallel=True`` kernels whatever the tensor size."""
+    threshold = 1 << 60 if request.param == "serial" else 0
+    monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", threshold)
+    return request.param
+
+
+def inputs(k=4, batch=33, dim=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    schedule = CosineSchedule(max(k, 2))
+    return {
+        "u": torch.randn(batch, dim, generator=g, dtype=dtype),
+        "signal": schedule.sqrt_abar[:k].to(dtype),
+        "noise_scale": schedule.sqrt_one_minus_abar[:k].to(dtype),
+        "noise": torch.randn(k, batch, dim, generator=g, dtype=dtype),
+        "uhat": torch.randn(k, batch, dim, generator=g, dtype=dtype),
+        "weights": schedule.loss_weights(0.1)[:k].to(dtype),
+        "coefs": (schedule.a[1].to(dtype), schedule.b[1].to(dtype), schedule.sqrt_c[1].to(dtype)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 7, 3), (4, 33, 5), (10, 128, 10), (2, 16, 64)])
+def test_sampling_matches_torch_bit_for_bit(kernel_variant, dtype, shape):
+    k, batch, dim = shape
+    d = inputs(k, batch, dim, dtype)
+    u_t = d["u"].clone().requires_grad_(True)
+    u_n = d["u"].clone().requires_grad_(True)
+    z_t = TORCH.sample_marginals(u_t, d["signal"], d["noise_scale"], d["noise"])
+    z_n = NUMBA.sample_marginals(u_n, d["signal"], d["noise_scale"], d["noise"])
+    assert z_n.dtype == dtype and z_n.shape == (k, batch, dim)
+    assert torch.equal(z_n, z_t)
+    grad = torch.randn_like(z_t)
+    (g_t,) = torch.autograd.grad(z_t, u_t, grad)
+    (g_n,) = torch.autograd.grad(z_n, u_n, grad)
+    torch.testing.assert_close(g_n, g_t, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 7, 3), (4, 33, 5), (10, 128, 10), (2, 16, 64)])
+def test_losses_and_their_gradients_match_torch(kernel_variant, dtype, shape):
+    k, batch, dim = shape
+    d = inputs(k, batch, dim, dtype)
+    leaves_t = [d["uhat"].clone().requires_grad_(True), d["u"].clone().requires_grad_(True)]
+    leaves_n = [d["uhat"].clone().requires_grad_(True), d["u"].clone().requires_grad_(True)]
+    loss_t = TORCH.denoising_losses(*leaves_t, d["weights"])
+    loss_n = NUMBA.denoising_losses(*leaves_n, d["weights"])
+    assert loss_n.shape == (k,) and loss_n.dtype == dtype
+    torch.testing.assert_close(loss_n, loss_t, **TOL[dtype])
+    upstream = torch.randn(k, dtype=dtype)
+    for g_n, g_t in zip(
+        torch.autograd.grad(loss_n, leaves_n, upstream),
+        torch.autograd.grad(loss_t, leaves_t, upstream),
+        strict=True,
+    ):
+        torch.testing.assert_close(g_n, g_t, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_inference_update_matches_torch_bit_for_bit(kernel_variant, dtype, stochastic):
+    d = inputs(1, 300, 10, dtype)
+    noise = d["noise"][0] if stochastic else None
+    with torch.no_grad():
+        expected = TORCH.inference_update(d["uhat"][0], d["u"], *d["coefs"], noise)
+        got = NUMBA.inference_update(d["uhat"][0], d["u"], *d["coefs"], noise)
+    assert torch.equal(got, expected)
+    # The comparison can fail: the noise term matters.
+    if stochastic:
+        with torch.no_grad():
+            assert not torch.equal(
+                got, NUMBA.inference_update(d["uhat"][0], d["u"], *d["coefs"], None)
+            )
+
+
+def test_autograd_functions_pass_gradcheck(kernel_variant):
+    d = inputs(3, 6, 4, torch.float64)
+    u = d["u"].clone().requires_grad_(True)
+    uhat = d["uhat"].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda u_: NUMBA.sample_marginals(u_, d["signal"], d["noise_scale"], d["noise"]), (u,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b: NUMBA.denoising_losses(a, b, d["weights"]), (uhat, u)
+    )
+
+
+def test_bfloat16_block_outputs_are_computed_in_float32():
+    d = inputs()
+    uhat = d["uhat"].bfloat16().requires_grad_(True)
+    loss = NUMBA.denoising_losses(uhat, d["u"], d["weights"])
+    assert loss.dtype == torch.float32
+    expected = TORCH.denoising_losses(uhat.float(), d["u"], d["weights"])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    loss.sum().backward()
+    assert uhat.grad is not None and uhat.grad.dtype == torch.bfloat16
+
+
+def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
+    """A fresh interpreter: a large call initialises Numba's threading layer (no fallback)."""
+    script = textwrap.dedent(
+        """
+        import numba, torch
+        from noprop_lightning.diffusion.ops import NumbaDiffusionOps, PARALLEL_MIN_ELEMENTS
+        ops = NumbaDiffusionOps()
+        u = torch.randn(4096, 10, requires_grad=True)
+        noise = torch.randn(10, 4096, 10)
+        assert noise.numel() >= PARALLEL_MIN_ELEMENTS
+        z = ops.sample_marginals(u, torch.rand(10), torch.rand(10), noise)
+        z.sum().backward()
+        print("layer", numba.threading_layer())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert "layer " in out.stdout
+    assert out.stdout.split("layer ")[1].strip() in {"omp", "tbb", "workqueue"}
+
+
+def test_module_with_numba_never_calls_the_torch_ops():
+    """Training and inference with diffusion_backend='numba' launch Numba kernels only."""
+    torch.manual_seed(0)
+    module = NoPropModule(**TINY, num_blocks=3, embedding="learned", diffusion_backend="numba")
+    x, y = tiny_batch()
+    noise = torch.randn(3, len(y), module.embed_dim)
+    refuse = mock.Mock(side_effect=AssertionError("torch diffusion op used"))
+    with (
+        mock.patch.object(TorchDiffusionOps, "sample_marginals", refuse),
+        mock.patch.object(TorchDiffusionOps, "denoising_losses", refuse),
+        mock.patch.object(TorchDiffusionOps, "inference_update", refuse),
+        mock.patch.object(ops_module, "_launch", wraps=ops_module._launch) as launch,
+        mock.patch.object(type(module), "manual_backward", lambda self, loss: loss.backward()),
+    ):
+        module.executor.run(module, x, y, noise, [0, 1, 2])
+        module.head_loss(y, noise[0])
+        module.eval()
+        module.predict_logits(x, deterministic=False)
+        module.predict_logits(x, deterministic=True)
+    launched = {call.args[0] for call in launch.call_args_list}
+    assert launched == {
+        "sample",
+        "sample_grad",
+        "loss",
+        "loss_grad",
+        "update",
+        "update_deterministic",
+    }
+
+
+@pytest.mark.parametrize(
+    ("execution", "options"),
+    [("sequential", {}), ("threaded", {"num_threads": 3}), ("fused", {})],
+)
+def test_module_with_numba_matches_torch_backend(execution, options):
+    """Same losses, gradients and predictions as the torch backend, on every execution path
+    (threaded calls the kernels concurrently from worker threads)."""
+    torch.manual_seed(0)
+    reference = NoPropModule(**TINY, num_blocks=3, embedding="learned", dropout=0.0).double()
+    module = copy.deepcopy(reference)
+    module.diffusion = build_diffusion_ops("numba")
+    module.executor = build_executor(execution, **options)
+    x, y = tiny_batch()
+    x = x.double()
+    noise = torch.randn(3, len(y), module.embed_dim, dtype=torch.float64)
+    results = []
+    for m in (reference, module):
+        with mock.patch.object(type(m), "manual_backward", lambda self, loss: loss.backward()):
+            losses = m.executor.run(m, x, y, noise, [0, 1, 2])
+        ce, kl = m.head_loss(y, noise[0])
+        (ce + kl).backward()
+        m.eval()
+        torch.manual_seed(1)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # z_0 is drawn in the default dtype
+        try:
+            results.append((losses, ce, m.predict_logits(x)))
+        finally:
+            torch.set_default_dtype(default_dtype)
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    for (name, p), (_, q) in zip(
+        module.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert module.embedding.weight.grad.abs().sum() > 0  # gradients reached the embedding
+
+
+# ------------------------------------------------------------------ refusals
+def test_non_cpu_tensors_are_refused_not_silently_handled():
+    u = torch.empty(4, 3, device="meta")
+    noise = torch.empty(2, 4, 3, device="meta")
+    coef = torch.empty(2, device="meta")
+    with pytest.raises(ConfigurationError, match="no kernel for tensors on meta"):
+        NUMBA.sample_marginals(u, coef, coef, noise)
+    with pytest.raises(ConfigurationError, match="diffusion_backend='torch'"):
+        NUMBA.denoising_losses(noise, u, coef)
+    with pytest.raises(ConfigurationError, match="no kernel"), torch.no_grad():
+        NUMBA.inference_update(u, u, coef[0], coef[0], coef[0], u)
+
+
+def test_setup_refuses_numba_on_an_accelerator():
+    module = NoPropModule(**TINY, num_blocks=2, diffusion_backend="numba")
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    with pytest.raises(ConfigurationError, match="CPU kernels only.*cuda:0"):
+        module.setup("fit")
+    module._trainer = None
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    d = inputs()
+    with pytest.raises(ConfigurationError, match="float32 or float64"):
+        NUMBA.sample_marginals(d["u"].half(), d["signal"], d["noise_scale"], d["noise"])
+    with pytest.raises(ConfigurationError, match="noise require grad"):
+        NUMBA.sample_marginals(
+            d["u"], d["signal"], d["noise_scale"], d["noise"].requires_grad_(True)
+        )
+    with pytest.raises(ConfigurationError, match="not differentiable"):
+        NUMBA.inference_update(d["uhat"][0].requires_grad_(True), d["u"], *d["coefs"])
+    with pytest.raises(ConfigurationError, match="unknown diffusion_backend"):
+        build_diffusion_ops("cupy")
+    with pytest.raises(ConfigurationError, match="unknown diffusion_backend"):
+        NoPropModule(**TINY, diffusion_backend="jax")
