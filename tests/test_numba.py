@@ -16,6 +16,7 @@ import textwrap
 from types import SimpleNamespace
 from unittest import mock
 
+import numba
 import pytest
 import torch
 
@@ -46,10 +47,24 @@ def one_intra_op_thread():
 
 @pytest.fixture(params=["serial", "parallel"])
 def kernel_variant(request, monkeypatch):
-    """Force the serial or the ``parallel=True`` kernels whatever the tensor size."""
-    threshold = 1 << 60 if request.param == "serial" else 0
-    monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", threshold)
-    return request.param
+    """Force the serial or the ``parallel=True`` kernels whatever the tensor size.
+
+    The parallel kernels run only with at least two Numba threads, and split each row into
+    several slices; ``_SLICE_ELEMENTS`` is lowered so that even small test tensors are
+    split, which exercises the slice boundaries.
+    """
+    if request.param == "parallel":
+        if numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("the parallel kernels need at least 2 Numba threads")
+        monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(ops_module, "_SLICE_ELEMENTS", 7)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(2)
+        yield request.param
+        numba.set_num_threads(threads)
+    else:
+        monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", 1 << 60)
+        yield request.param
 
 
 def inputs(k=4, batch=33, dim=5, dtype=torch.float32, seed=0):

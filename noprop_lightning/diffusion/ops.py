@@ -15,12 +15,14 @@ implements all three with the same signature and the same numbers:
 
 ``"torch"`` (:class:`TorchDiffusionOps`) composes torch operators and runs on any device.
 ``"numba"`` (:class:`NumbaDiffusionOps`) replaces each operation by one fused Numba kernel
-over the whole ``(k, B, d)`` tensor (``parallel=True`` above :data:`PARALLEL_MIN_ELEMENTS`
-elements, a serial kernel below, where thread start-up would cost more than it saves). The
-two differentiable operations are :class:`torch.autograd.Function` s whose backward is the
-analytic gradient, also computed by a Numba kernel, so autograd sees exactly the gradients of
-the torch composition. The Numba backend is CPU-only: given a tensor on any other device it
-raises :class:`~noprop_lightning.errors.ConfigurationError`; it never falls back to torch.
+over the whole ``(k, B, d)`` tensor: one pass over memory instead of one per torch operator,
+and no temporaries. The ``parallel=True`` variant runs from :data:`PARALLEL_MIN_ELEMENTS`
+elements on when Numba has more than one thread; smaller tensors use a serial variant of the
+same kernel, where starting threads would cost more than it saves. The two differentiable
+operations are :class:`torch.autograd.Function` s whose backward is the analytic gradient,
+also computed by a Numba kernel, so autograd sees the gradients of the torch composition.
+The Numba backend is CPU-only: given a tensor on any other device it raises
+:class:`~noprop_lightning.errors.ConfigurationError`; it never falls back to torch.
 """
 
 from __future__ import annotations
@@ -230,8 +232,11 @@ def _loss_grad_impl(
                 grad_u_part[i] -= g
 
 
-def _update_impl(uhat, z_prev, a, b, c, noise, out, parts):  # pragma: no cover - Numba
+def _update_impl(uhat, z_prev, coef_a, coef_b, coef_c, noise, out, parts):  # pragma: no cover
     n = out.shape[0]
+    a = coef_a[()]
+    b = coef_b[()]
+    c = coef_c[()]
     for part in numba.prange(parts):
         lo = part * n // parts
         hi = (part + 1) * n // parts
@@ -243,8 +248,10 @@ def _update_impl(uhat, z_prev, a, b, c, noise, out, parts):  # pragma: no cover 
             out_part[i] = a * uhat_part[i] + b * z_part[i] + c * noise_part[i]
 
 
-def _update_det_impl(uhat, z_prev, a, b, out, parts):  # pragma: no cover - Numba
+def _update_det_impl(uhat, z_prev, coef_a, coef_b, out, parts):  # pragma: no cover - Numba
     n = out.shape[0]
+    a = coef_a[()]
+    b = coef_b[()]
     for part in numba.prange(parts):
         lo = part * n // parts
         hi = (part + 1) * n // parts
@@ -292,8 +299,9 @@ _SLICE_ELEMENTS = 1 << 14
 def _launch(name: str, numel: int, row: int, *args: Any) -> None:
     """Run kernel ``name``; ``row`` is the length of the rows the kernel slices."""
     parallel, serial = KERNELS[name]
-    if numel >= PARALLEL_MIN_ELEMENTS:
-        parts = max(1, min(row // _SLICE_ELEMENTS, 4 * numba.get_num_threads()))
+    threads = numba.get_num_threads() if numel >= PARALLEL_MIN_ELEMENTS else 1
+    if threads > 1:
+        parts = max(1, min(row // _SLICE_ELEMENTS, 4 * threads))
         with _PARALLEL_LAUNCH:
             parallel(*args, parts)
     else:
@@ -316,9 +324,11 @@ def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-def _scalar(value: torch.Tensor | float, dtype: torch.dtype) -> np.floating:
-    """A numpy scalar of ``dtype``, so the kernel computes in that precision."""
-    return (np.float32 if dtype == torch.float32 else np.float64)(float(value))
+def _scalar(value: torch.Tensor | float, dtype: torch.dtype) -> np.ndarray:
+    """A 0-d numpy array of ``dtype``, so the kernel computes in that precision."""
+    if isinstance(value, torch.Tensor):
+        return _cast(value, dtype).detach().numpy().reshape(())
+    return np.asarray(value, dtype=np.float32 if dtype == torch.float32 else np.float64)
 
 
 def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
