@@ -186,15 +186,28 @@ class ContinuousNoPropModule(ClassifierModule):
     ) -> torch.Tensor:
         """Integrate the label state from ``t = 0`` to ``t = 1`` for images ``x``.
 
+        The image features are computed once and reused at every step.
+
         Args:
             x: ``(B, C, H, W)`` images.
-            steps: Number of sampler steps (default: the module's).
+            steps: Number of sampler steps (default: ``inference_steps``).
             sampler: ``"euler"`` or ``"heun"`` (default: the module's).
             z0: ``(B, d)`` starting state (default: :meth:`start_state`).
 
         Returns:
             ``z_1``, shape ``(B, d)``.
         """
+        steps = self.inference_steps if steps is None else steps
+        sampler = self.sampler if sampler is None else sampler
+        check_sampler(sampler, steps)
+        if z0 is None:
+            z0 = self.start_state(x.shape[0], x.device)
+        return self.integrate(self.net.encode_image(x), z0, steps, sampler)
+
+    def integrate(
+        self, features: torch.Tensor, z0: torch.Tensor, steps: int, sampler: str
+    ) -> torch.Tensor:
+        """Integrate from ``z0`` at ``t = 0`` to ``z_1`` given the encoded images ``features``."""
         raise NotImplementedError
 
     def classify(self, z1: torch.Tensor) -> torch.Tensor:
@@ -232,14 +245,6 @@ class ContinuousNoPropModule(ClassifierModule):
             return super().validation_step(batch, batch_idx)
         finally:
             self._validating = False
-
-    def _resolve(self, x: torch.Tensor, steps: int | None, sampler: str | None, z0: Any) -> tuple:
-        steps = self.inference_steps if steps is None else steps
-        sampler = self.sampler if sampler is None else sampler
-        check_sampler(sampler, steps)
-        if z0 is None:
-            z0 = self.start_state(x.shape[0], x.device)
-        return steps, sampler, z0
 
 
 class NoPropCTModule(ContinuousNoPropModule):
@@ -388,26 +393,10 @@ class NoPropCTModule(ContinuousNoPropModule):
         self.log("train/gamma_1", self.schedule.gamma_1.detach(), **endpoints)
         return loss
 
-    def sample(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        sampler: str | None = None,
-        z0: torch.Tensor | None = None,
+    def integrate(
+        self, features: torch.Tensor, z0: torch.Tensor, steps: int, sampler: str
     ) -> torch.Tensor:
-        """Integrate the probability-flow ODE from ``z_0`` at ``t = 0`` to ``z_1``.
-
-        Args:
-            x: ``(B, C, H, W)`` images.
-            steps: Number of sampler steps (default: ``inference_steps``).
-            sampler: ``"euler"`` or ``"heun"`` (default: the module's).
-            z0: ``(B, d)`` starting state (default: :meth:`start_state`).
-
-        Returns:
-            ``z_1``, shape ``(B, d)``.
-        """
-        steps, sampler, z0 = self._resolve(x, steps, sampler, z0)
-        features = self.net.encode_image(x)
+        """Integrate the probability-flow ODE from ``z_0`` at ``t = 0`` to ``z_1``."""
         return self.schedule.sample(lambda z, t: self.denoise(features, z, t), z0, steps, sampler)
 
     def classify(self, z1: torch.Tensor) -> torch.Tensor:
@@ -538,26 +527,10 @@ class NoPropFMModule(ContinuousNoPropModule):
             terms["loss"] = flow + ce
         return terms
 
-    def sample(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        sampler: str | None = None,
-        z0: torch.Tensor | None = None,
+    def integrate(
+        self, features: torch.Tensor, z0: torch.Tensor, steps: int, sampler: str
     ) -> torch.Tensor:
-        """Integrate ``dz/dt = v(z, x, t)`` from ``z_0`` at ``t = 0`` to ``z_1``.
-
-        Args:
-            x: ``(B, C, H, W)`` images.
-            steps: Number of sampler steps (default: ``inference_steps``).
-            sampler: ``"euler"`` or ``"heun"`` (default: the module's).
-            z0: ``(B, d)`` starting state (default: :meth:`start_state`).
-
-        Returns:
-            ``z_1``, shape ``(B, d)``.
-        """
-        steps, sampler, z0 = self._resolve(x, steps, sampler, z0)
-        features = self.net.encode_image(x)
+        """Integrate ``dz/dt = v(z, x, t)`` from ``z_0`` at ``t = 0`` to ``z_1``."""
         return flow_matching_sample(
             lambda z, t: self.net.forward_features(features, z, t), z0, steps, sampler
         )
