@@ -13,6 +13,7 @@ fused path draws dropout masks from a different random stream (``vmap(randomness
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from pathlib import Path
@@ -451,6 +452,39 @@ def test_command_line_rejects_unknown_execution(tmp_path, monkeypatch, capsys):
         main(["fit", "--config", str(QUICKSTART), *SMALL, "--model.init_args.execution=gpu"])
     assert exc.value.code != 0
     assert "unknown execution 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("NOPROP_DDP_TESTS") != "1",
+    reason="spawns 2 DDP processes per path (~30 s each on 2 cores); run with NOPROP_DDP_TESTS=1",
+)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model.init_args.execution=threaded", "--model.init_args.num_threads=2"],
+        [
+            "--model.init_args.execution=fused",
+            "--model.init_args.fused_chunk_size=2",
+            "--model.init_args.diffusion_backend=numba",
+            "--model.init_args.embedding=learned",
+        ],
+    ],
+    ids=["threaded", "fused-numba"],
+)
+def test_ddp_ranks_stay_in_sync_on_every_path(extra, tmp_path):
+    """``backward=False`` under real DDP (2 CPU processes, gloo): ranks see different data
+    but identical all-reduced gradients, parameters and optimizer states."""
+    from tests.test_ddp import TINY_NOPROP, assert_same, ddp_args, run_cli
+
+    result = run_cli([*ddp_args(tmp_path / "dump"), *TINY_NOPROP, *extra], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["world_size"] == 2 and r0["first_labels"] != r1["first_labels"]
+    assert r0["first_grads"], "no gradient recorded"
+    assert_same(r0["first_grads"], r1["first_grads"], "grads")
+    assert_same(r0["params"], r1["params"], "params")
+    assert_same(r0["optimizers"], r1["optimizers"], "optimizers")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
