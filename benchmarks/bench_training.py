@@ -96,7 +96,7 @@ def synthetic_loader(size: str, batch: int, batches: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch, drop_last=True)
 
 
-def make_trainer(device: str, steps: int, callback: L.Callback) -> L.Trainer:
+def make_trainer(device: str, steps: int, callbacks: L.Callback | list[L.Callback]) -> L.Trainer:
     return L.Trainer(
         accelerator=device,
         devices=1,
@@ -108,7 +108,7 @@ def make_trainer(device: str, steps: int, callback: L.Callback) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[callback],
+        callbacks=callbacks if isinstance(callbacks, list) else [callbacks],
     )
 
 
@@ -144,18 +144,41 @@ class StepTimer(L.Callback):
 
 def time_config(
     config: dict[str, Any], args: argparse.Namespace
-) -> tuple[list[float], list[float]]:
-    """Wall and CPU seconds per training step after ``--warmup`` steps, in this process."""
+) -> tuple[list[float], list[float], dict[str, Any]]:
+    """Wall and CPU seconds per training step after ``--warmup`` steps, in this process.
+
+    On CUDA the first step after the warm-up is also measured for memory, in this process:
+    ``max_memory_allocated`` counts every allocation of every thread and stream of the
+    process, and the earlier configurations' tensors are freed first (``memory_allocated``
+    before the model is built is recorded as ``cuda_baseline_mib`` and subtracted), so no
+    subprocess is needed. On CPU the memory runs happen in fresh subprocesses (see
+    :func:`measure_memory`) and the returned dictionary is empty.
+    """
     torch.manual_seed(0)
+    callbacks: list[L.Callback] = [timer := StepTimer()]
+    memory: StepMemory | None = None
+    baseline = 0
+    if args.device == "cuda" and not args.no_memory:
+        gc.collect()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
+        memory = StepMemory(measure_step=args.warmup, rss_baseline=0, profile=False)
+        callbacks.append(memory)
     module = build_module(config["method"], config["size"], config["T"], config["options"])
-    timer = StepTimer()
     steps = args.warmup + args.steps
-    make_trainer(args.device, steps, timer).fit(
+    make_trainer(args.device, steps, callbacks).fit(
         module, synthetic_loader(config["size"], args.batch, steps)
     )
     del module
     gc.collect()
-    return timer.times[args.warmup :], timer.cpu_times[args.warmup :]
+    result: dict[str, Any] = {}
+    if memory is not None:
+        result = dict(memory.result)
+        result["cuda_baseline_mib"] = baseline / MIB
+        for key in ("cuda_peak_mib", "cuda_live_at_start_mib"):
+            if key in result:
+                result[key] -= baseline / MIB
+    return timer.times[args.warmup :], timer.cpu_times[args.warmup :], result
 
 
 # ---------------------------------------------------------------------------- memory
@@ -506,11 +529,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
     cpu_times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    in_process_memory: dict[int, dict[str, Any]] = {}
+    if args.device == "cuda" and args.no_speed and not args.no_memory:
+        args.no_speed, args.steps, args.rounds = False, 1, 1  # memory comes from the step runs
     if not args.no_speed:
         for r in range(args.rounds):
             order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
             for i in order:
-                wall, cpu = time_config(configs[i], args)
+                wall, cpu, mem = time_config(configs[i], args)
+                if mem:
+                    in_process_memory[i] = mem
                 times[i] += wall
                 cpu_times[i] += cpu
                 Console(stderr=True).print(
@@ -534,7 +562,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["median_step_cpu_s"] = statistics.median(cpu_times[i])
             row["cores_used"] = row["median_step_cpu_s"] / row["median_step_s"]
         if not args.no_memory:
-            row["memory"] = measure_memory(config, args)
+            if args.device == "cuda":
+                row["memory"] = in_process_memory.get(i, {"error": "not measured"})
+            else:
+                row["memory"] = measure_memory(config, args)
             Console(stderr=True).print(
                 f"memory {config['size']} T={config['T']} {label(config)}: {row['memory']}"
             )
@@ -555,11 +586,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_end": os.getloadavg(),
         "seconds": time.time() - started,
         "memory_method": (
-            "cuda: max_memory_allocated after reset_peak_memory_stats"
+            "cuda: max_memory_allocated after reset_peak_memory_stats, first step after the "
+            "warm-up, in the benchmark process, minus memory_allocated before the model"
             if args.device == "cuda"
             else "cpu: tensor_peak = live tensor bytes at step start + peak of torch.profiler "
-            "allocation events (main thread only); rss_peak = ru_maxrss - RSS before model, "
-            "fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536"
+            "allocation events (main thread only); rss_peak = VmHWM (reset via "
+            "/proc/self/clear_refs) - RSS before model, fresh subprocess, "
+            "MALLOC_MMAP_THRESHOLD_=65536"
         ),
         "rows": rows,
     }

@@ -21,11 +21,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from noprop_lightning import BackpropModule, MNISTDataModule, NoPropModule
+from noprop_lightning import NoPropModule
+from noprop_lightning.cli import NoPropCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,22 @@ class BudgetedEvaluator(L.Callback):
         module.train(was_training)
         return correct / total
 
+    def record(self, module: L.LightningModule) -> None:
+        """Measure test accuracy now (training clock paused) and append it to the curve."""
+        acc = self.accuracy(module)
+        self.curve.append(
+            {
+                "train_seconds": self.train_seconds,
+                "samples": self.samples,
+                "batches": self.batches,
+                "test_acc": acc,
+            }
+        )
+        Console().print(
+            f"  {type(module).__name__}: {self.train_seconds:6.1f}s train, "
+            f"{self.samples} samples, test acc {acc:.4f}"
+        )
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
 
@@ -63,35 +79,51 @@ class BudgetedEvaluator(L.Callback):
         self.samples += len(batch[1])
         self.batches += 1
         done = self.train_seconds >= self.budget
-        if done or self.batches % self.eval_every == 0:
-            acc = self.accuracy(pl_module)
-            self.curve.append(
-                {
-                    "train_seconds": self.train_seconds,
-                    "samples": self.samples,
-                    "batches": self.batches,
-                    "test_acc": acc,
-                }
-            )
-            Console().print(
-                f"  {type(pl_module).__name__}: {self.train_seconds:6.1f}s train, "
-                f"{self.samples} samples, test acc {acc:.4f}"
-            )
+        last = trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+        if done or last or self.batches % self.eval_every == 0:
+            self.record(pl_module)
         if done:
             trainer.should_stop = True
 
 
-def build(config_name: str) -> L.LightningModule:
-    cfg = yaml.safe_load((ROOT / "configs" / f"{config_name}.yaml").read_text())["model"]
-    cls = {"NoPropModule": NoPropModule, "BackpropModule": BackpropModule}[
-        cfg["class_path"].rsplit(".", 1)[-1]
-    ]
-    args = dict(cfg["init_args"])
-    opt = args.pop("optimizer")["init_args"]
-    args["optimizer"] = lambda p: torch.optim.AdamW(
-        p, lr=opt["lr"], weight_decay=opt["weight_decay"]
+def resolve_config(name: str) -> Path:
+    """A config path, or the name of a YAML in ``configs/`` (``noprop_mnist_small``)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = ROOT / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: no config {name!r} (neither a YAML file nor {path})")
+    return path
+
+
+def instantiate(
+    config: Path, data_dir: str
+) -> tuple[L.LightningModule, L.LightningDataModule, int]:
+    """Model, data module and ``trainer.max_epochs`` exactly as ``cli.py fit`` builds them.
+
+    The config goes through :class:`~noprop_lightning.cli.NoPropCLI` (``run=False``), so the
+    model, its optimizer and scheduler, the batch size and the linked data properties are
+    those of the YAML; only the data directory is overridden.
+    """
+    cli = NoPropCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        run=False,
+        args=[
+            "--config",
+            str(config),
+            "--data.init_args.data_dir",
+            data_dir,
+            "--trainer.logger",
+            "false",
+        ],
     )
-    return cls(num_classes=10, in_channels=1, image_size=28, **args)
+    return cli.model, cli.datamodule, cli.trainer.max_epochs
 
 
 def time_to(curve: list[dict[str, float]], target: float) -> float | None:
@@ -113,19 +145,24 @@ def main() -> None:
         "--out", default=str(ROOT / "benchmarks" / "results" / "mnist_time_to_accuracy.json")
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for name in args.configs:
+        config = resolve_config(name)
         L.seed_everything(args.seed)
-        dm = MNISTDataModule(data_dir=args.data_dir, batch_size=128, num_workers=0)
+        module, dm, max_epochs = instantiate(config, args.data_dir)
         dm.setup("test")
         evaluator = BudgetedEvaluator(dm.test_dataloader(), args.budget, args.eval_every)
         dm.setup("fit")
-        module = build(name)
         trainer = L.Trainer(
             accelerator="cpu",
-            max_epochs=1000,
+            max_epochs=max_epochs,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -133,10 +170,15 @@ def main() -> None:
             limit_val_batches=0,
             callbacks=[evaluator],
         )
+        name = config.stem
         Console().print(f"[bold]{name}[/bold] (torch threads: {torch.get_num_threads()})")
         trainer.fit(module, datamodule=dm)
+        if not evaluator.curve or evaluator.curve[-1]["batches"] != evaluator.batches:
+            evaluator.record(module)  # the run ended (max_epochs) between evaluations
         row = {
             "config": name,
+            "batch_size": dm.batch_size,
+            "max_epochs": max_epochs,
             "method": type(module).__name__,
             "params": sum(p.numel() for p in module.parameters()),
             "train_seconds": evaluator.train_seconds,

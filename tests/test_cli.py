@@ -1,5 +1,6 @@
 """Smoke tests: every shipped config runs `fit` (fast_dev_run) through the real CLI."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import yaml
 
 from noprop_lightning.cli import main
 
+#: ``cpu`` by default; ``NOPROP_TEST_ACCELERATOR=gpu`` runs every config on a GPU instead.
+ACCELERATOR = os.environ.get("NOPROP_TEST_ACCELERATOR", "cpu")
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
@@ -35,7 +38,7 @@ def test_every_config_is_covered():
 def test_config_fit_fast_dev_run(config, fake_data_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs land in tmp_path/lightning_logs
     args = ["fit", "--config", str(config), "--trainer.fast_dev_run", "true"]
-    args += ["--trainer.accelerator", "cpu", "--data.init_args.num_workers", "0"]
+    args += ["--trainer.accelerator", ACCELERATOR, "--data.init_args.num_workers", "0"]
     args += ["--data.init_args.batch_size", "4"]  # the config's own nets, a small batch
     cls = data_class(config)
     if cls in fake_data_dirs:
@@ -45,6 +48,8 @@ def test_config_fit_fast_dev_run(config, fake_data_dirs, tmp_path, monkeypatch):
     assert cli is not None
     assert cli.trainer.state.finished
     assert cli.trainer.global_step > 0
+    expected = "cuda" if ACCELERATOR in ("gpu", "cuda") else ACCELERATOR
+    assert cli.trainer.strategy.root_device.type == expected
     # test_after_fit evaluated the model on the test split.
     assert "test/acc" in cli.trainer.callback_metrics
 

@@ -271,6 +271,26 @@ def test_setup_refuses_numba_on_an_accelerator():
     module._trainer = None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_tensors_and_gpu_training_are_refused():
+    """On a real GPU: the kernels refuse CUDA tensors and ``fit`` on the GPU stops at setup."""
+    import lightning as L
+
+    u = torch.zeros(4, 3, device="cuda")
+    noise = torch.zeros(2, 4, 3, device="cuda")
+    coef = torch.ones(2, device="cuda")
+    with pytest.raises(ConfigurationError, match="no kernel for tensors on cuda"):
+        NUMBA.sample_marginals(u, coef, coef, noise)
+    module = NoPropModule(**TINY, num_blocks=2, diffusion_backend="numba")
+    x, y = tiny_batch()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False
+    )
+    with pytest.raises(ConfigurationError, match="CPU kernels only"):
+        trainer.fit(module, loader)
+
+
 def test_unsupported_inputs_raise_clear_errors():
     d = inputs()
     with pytest.raises(ConfigurationError, match="float32 or float64"):
