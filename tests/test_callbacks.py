@@ -278,15 +278,38 @@ def test_auto_falls_back_to_lifetime_with_a_warning(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_peaks_are_per_epoch():
+    class Trace(L.Callback):
+        """Allocated / peak MiB at each hook, for the failure message."""
+
+        def __init__(self) -> None:
+            self.rows: list[str] = []
+
+        def _row(self, hook, trainer):
+            mib = torch.cuda.memory_allocated() / MIB, torch.cuda.max_memory_allocated() / MIB
+            self.rows.append(f"{hook} epoch={trainer.current_epoch} alloc/peak={mib}")
+
+    for hook in (
+        "on_train_epoch_start",
+        "on_train_epoch_end",
+        "on_validation_epoch_start",
+        "on_validation_epoch_end",
+        "on_validation_end",
+    ):
+        setattr(Trace, hook, lambda self, trainer, pl_module, _h=hook: self._row(_h, trainer))
+
     monitor = PeakMemoryMonitor()
     timer = EpochTimer()
+    trace = Trace()
     module = Probe(train_alloc_mib={0: 256}, val_alloc_mib=64)
-    trainer = tiny_trainer(accelerator="gpu", devices=1, max_epochs=2, callbacks=[timer, monitor])
+    trainer = tiny_trainer(
+        accelerator="gpu", devices=1, max_epochs=2, callbacks=[timer, monitor, trace]
+    )
     trainer.fit(module, probe_loader(8, 4), probe_loader(8, 4))
     first, second = monitor.history
     assert first["peak_allocated_mib"] >= 256
     assert first["peak_reserved_mib"] >= first["peak_allocated_mib"]
-    assert second["peak_allocated_mib"] < 64  # reset at epoch start: the spike is gone
+    # reset at epoch start: the spike is gone
+    assert second["peak_allocated_mib"] < 64, "\n".join(trace.rows)
     val_peak = float(trainer.callback_metrics["memory/val_peak_allocated_mib"])
     assert val_peak >= 64
     assert all(r["train_epoch_s"] > 0 for r in timer.history)
