@@ -300,18 +300,20 @@ def test_cuda_peaks_are_per_epoch():
     monitor = PeakMemoryMonitor()
     timer = EpochTimer()
     trace = Trace()
-    module = Probe(train_alloc_mib={0: 256}, val_alloc_mib=64)
+    # Spikes far above what stays allocated between steps: on an H100 with torch 2.11 the
+    # cuBLAS / cuBLASLt workspaces (about 65 MiB) stay allocated after the first matmul.
+    module = Probe(train_alloc_mib={0: 1024}, val_alloc_mib=512)
     trainer = tiny_trainer(
         accelerator="gpu", devices=1, max_epochs=2, callbacks=[timer, monitor, trace]
     )
     trainer.fit(module, probe_loader(8, 4), probe_loader(8, 4))
     first, second = monitor.history
-    assert first["peak_allocated_mib"] >= 256
+    assert first["peak_allocated_mib"] >= 1024
     assert first["peak_reserved_mib"] >= first["peak_allocated_mib"]
-    # reset at epoch start: the spike is gone
-    assert second["peak_allocated_mib"] < 64, "\n".join(trace.rows)
+    # reset at epoch start (the 1024 MiB spike is gone) and validation excluded (512 MiB)
+    assert second["peak_allocated_mib"] < 512, "\n".join(trace.rows)
     val_peak = float(trainer.callback_metrics["memory/val_peak_allocated_mib"])
-    assert val_peak >= 64
+    assert val_peak >= 512
     assert all(r["train_epoch_s"] > 0 for r in timer.history)
 
 

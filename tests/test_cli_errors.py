@@ -19,7 +19,13 @@ from fakedata import write_fake_cifar10, write_fake_mnist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from noprop_lightning import BackpropModule, DigitsDataModule, NoPropModule
+from noprop_lightning import (
+    BackpropModule,
+    DigitsDataModule,
+    NoPropCTModule,
+    NoPropFMModule,
+    NoPropModule,
+)
 from noprop_lightning.cli import condense_parser_message, main
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from tests.helpers import TINY, tiny_batch
@@ -339,6 +345,27 @@ def test_nan_in_data_stops_backprop(tmp_path):
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
     with pytest.raises(TrainingDivergedError, match=r"global step 1 \(epoch 0, batch 1\): end-"):
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+@pytest.mark.parametrize("module_class", [NoPropCTModule, NoPropFMModule])
+def test_nan_in_data_stops_continuous_time_before_the_step(module_class):
+    x, y = tiny_batch(16)
+    x[9, 0, 0, 0] = float("nan")  # second batch
+    torch.manual_seed(0)
+    module = module_class(**TINY, inference_steps=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    before = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                before.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    trainer.callbacks.append(Snapshot())
+    with pytest.raises(TrainingDivergedError, match=r"global step 1 \(epoch 0, batch 1\): "):
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    for name, value in module.named_parameters():  # the optimizer never stepped on it
+        assert torch.equal(value, before[name]), name
 
 
 class NaNDigitsDataModule(DigitsDataModule):

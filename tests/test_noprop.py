@@ -4,8 +4,9 @@ import lightning as L
 import pytest
 import torch
 
-from noprop_lightning import NoPropModule
+from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.nets import ClassifierHead
 from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
 
 
@@ -219,12 +220,40 @@ def test_prototype_embedding_initialised_from_class_medoids():
     for k in range(4):
         members = x[y == k].reshape(-1, 64)
         assert any(torch.equal(m.embedding.weight[k], row) for row in members)
+    # The head was re-initialised from the prototypes (its optimizer step was patched out).
+    expected = ClassifierHead.SCALE * m.embedding.weight / m.embedding.weight.pow(2).sum(1, True)
+    torch.testing.assert_close(m.head.weight, expected)
+
+
+@pytest.mark.parametrize("embedding", ["onehot", "learned"])
+@pytest.mark.parametrize("module_class", [NoPropModule, BackpropModule])
+def test_head_starts_as_a_nearest_embedding_reader(embedding, module_class):
+    torch.manual_seed(0)
+    m = module_class(**TINY, num_blocks=2, embedding=embedding)
+    head, emb = (
+        (m.net.head, m.net.embedding) if module_class is BackpropModule else (m.head, m.embedding)
+    )
+    logits = head(emb.weight)  # z = e_k for every class k
+    assert torch.equal(logits.argmax(-1), torch.arange(4))
+    torch.testing.assert_close(logits.diagonal(), torch.full((4,), ClassifierHead.SCALE))
+    assert torch.count_nonzero(head.bias) == 0
+    if embedding == "onehot":
+        torch.testing.assert_close(head.weight, ClassifierHead.SCALE * torch.eye(4))
+
+
+def test_default_head_init_is_pytorchs():
+    torch.manual_seed(0)
+    m = make(num_blocks=2, head_init="default")
+    assert not torch.allclose(m.head.weight, ClassifierHead.SCALE * torch.eye(4))
+    assert m.head.weight.abs().max() <= 1 / 4**0.5  # kaiming-uniform bound of Linear(4, .)
+    assert m.head.bias.abs().max() > 0
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         {"num_blocks": 0},
+        {"head_init": "zeros"},
         {"embedding": "onehot", "embed_dim": 7},
         {"embedding": "prototype", "embed_dim": 10},
         {"embedding": "learned", "embed_dim": 0},

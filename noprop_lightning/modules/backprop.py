@@ -12,7 +12,13 @@ from torch import nn
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.base import ClassifierModule, check_positive_int
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
-from noprop_lightning.nets import LabelEmbedding, build_blocks, build_encoder, denoise
+from noprop_lightning.nets import (
+    ClassifierHead,
+    LabelEmbedding,
+    build_blocks,
+    build_encoder,
+    denoise,
+)
 from noprop_lightning.nets.encoders import EncoderFactory
 
 ARCHITECTURES = ("chained", "cnn")
@@ -31,12 +37,18 @@ class ChainedBlocks(nn.Module):
         num_classes: Number of classes.
     """
 
-    def __init__(self, blocks: nn.ModuleList, embedding: LabelEmbedding, num_classes: int) -> None:
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        embedding: LabelEmbedding,
+        num_classes: int,
+        head_init: str = "embedding",
+    ) -> None:
         super().__init__()
         self.blocks = blocks
         self.embedding = embedding
         self.mix = nn.Parameter(torch.full((len(blocks),), float(torch.atanh(torch.tensor(0.5)))))
-        self.head = nn.Linear(embedding.dim, num_classes)
+        self.head = ClassifierHead(embedding, num_classes, head_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits ``(B, K)``."""
@@ -79,6 +91,9 @@ class BackpropModule(ClassifierModule):
         channels: Widths of the conv encoder.
         hidden: Feature width.
         dropout: Dropout of the conv encoder.
+        head_init: Initialisation of the classifier on ``z_T`` (``"chained"``):
+            ``"embedding"`` (nearest-embedding reader, default) or ``"default"``
+            (PyTorch's); see :class:`~noprop_lightning.nets.ClassifierHead`.
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 1e-3).
         scheduler: Optional LR-scheduler factory, stepped per epoch.
     """
@@ -96,6 +111,7 @@ class BackpropModule(ClassifierModule):
         channels: Sequence[int] = (32, 64, 128),
         hidden: int = 256,
         dropout: float = 0.2,
+        head_init: str = "embedding",
         optimizer: OptimizerCallable = paper_adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -112,7 +128,7 @@ class BackpropModule(ClassifierModule):
             blocks = build_blocks(
                 num_blocks, emb, in_channels, image_size, encoder, channels, hidden, dropout
             )
-            self.net: nn.Module = ChainedBlocks(blocks, emb, num_classes)
+            self.net: nn.Module = ChainedBlocks(blocks, emb, num_classes, head_init)
         elif architecture == "cnn":
             enc = build_encoder(encoder, in_channels, image_size, hidden, channels, dropout)
             self.net = PlainCNN(enc, hidden, num_classes)
@@ -123,7 +139,9 @@ class BackpropModule(ClassifierModule):
 
     def setup(self, stage: str) -> None:
         """Initialise prototype embeddings (chained architecture) from training images."""
-        self.init_prototypes_from_data(getattr(self.net, "embedding", None))
+        self.init_prototypes_from_data(
+            getattr(self.net, "embedding", None), getattr(self.net, "head", None)
+        )
 
     def configure_optimizers(self) -> Any:
         """A single optimizer over all parameters (plus the optional scheduler)."""

@@ -98,11 +98,13 @@ class ClassifierModule(L.LightningModule):
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def init_prototypes_from_data(self, embedding: Any) -> None:
+    def init_prototypes_from_data(self, embedding: Any, head: Any = None) -> None:
         """Initialise a prototype embedding from the attached data module, once.
 
         Does nothing for other embedding kinds or when the prototypes were already set
-        (for example restored from a checkpoint).
+        (for example restored from a checkpoint). A ``head`` with ``reset_from_embedding``
+        (:class:`~noprop_lightning.nets.ClassifierHead`) is re-initialised from the new
+        prototypes.
 
         Raises:
             ConfigurationError: If prototypes are needed but no data module provides images.
@@ -117,6 +119,8 @@ class ClassifierModule(L.LightningModule):
                 "embedding.init_prototypes(images, labels) before training"
             )
         embedding.init_prototypes(*datamodule.class_examples())
+        if head is not None and hasattr(head, "reset_from_embedding"):
+            head.reset_from_embedding(embedding)
 
     def on_train_start(self) -> None:
         """Drop validation state accumulated by the sanity check."""

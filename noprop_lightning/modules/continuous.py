@@ -138,7 +138,7 @@ class ContinuousNoPropModule(ClassifierModule):
 
     def configure_optimizers(self) -> Any:
         """One optimizer over every trainable parameter (plus the optional scheduler)."""
-        optimizer = self.optimizer_factory(trainable_parameters(self))
+        optimizer = self.build_optimizer(trainable_parameters(self))
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
@@ -153,7 +153,10 @@ class ContinuousNoPropModule(ClassifierModule):
         x, y = batch
         self._check_batch(x)
         terms = self.losses(x, y)
+        # Lightning steps after this returns, so a NaN never reaches the weights.
+        self.check_finite_losses(terms, batch_idx)
         batch_size = len(y)
+        # sync_dist: under DDP the logged epoch value is the mean over every process's batches.
         self.log(
             "train/loss",
             terms["loss"],
@@ -161,11 +164,17 @@ class ContinuousNoPropModule(ClassifierModule):
             on_step=True,
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=True,
         )
         for name, value in terms.items():
             if name != "loss":
                 self.log(
-                    f"train/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size
+                    f"train/{name}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=batch_size,
+                    sync_dist=True,
                 )
         return terms["loss"]
 

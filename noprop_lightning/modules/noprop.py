@@ -7,14 +7,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from noprop_lightning.diffusion import CosineSchedule, build_diffusion_ops
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import build_executor
 from noprop_lightning.modules.base import ClassifierModule, check_positive_int
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
-from noprop_lightning.nets import LabelEmbedding, build_blocks, denoise
+from noprop_lightning.nets import ClassifierHead, LabelEmbedding, build_blocks, denoise
 from noprop_lightning.nets.encoders import EncoderFactory
 
 BLOCK_ORDERS = ("all", "random")
@@ -68,6 +67,9 @@ class NoPropModule(ClassifierModule):
         diffusion_backend: ``"torch"`` or ``"numba"`` (fused CPU kernels) for the noisy-label
             sampling, the weighted denoising losses and the inference update; see
             :mod:`noprop_lightning.diffusion.ops`.
+        head_init: Initialisation of the classifier head on ``z_T``: ``"embedding"``
+            (nearest-embedding reader, default) or ``"default"`` (PyTorch's); see
+            :class:`~noprop_lightning.nets.ClassifierHead`.
         optimizer: Factory called once per block and once for the head/embedding.
         scheduler: Optional LR-scheduler factory, called once per optimizer, stepped per epoch.
     """
@@ -93,6 +95,7 @@ class NoPropModule(ClassifierModule):
         num_threads: int | None = None,
         fused_chunk_size: int | None = None,
         diffusion_backend: str = "torch",
+        head_init: str = "embedding",
         optimizer: OptimizerCallable = paper_adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -126,7 +129,7 @@ class NoPropModule(ClassifierModule):
         self.blocks = build_blocks(
             num_blocks, self.embedding, in_channels, image_size, encoder, channels, hidden, dropout
         )
-        self.head = nn.Linear(self.embedding.dim, num_classes)
+        self.head = ClassifierHead(self.embedding, num_classes, head_init)
         self.schedule = CosineSchedule(num_blocks, snr_min, snr_max)
         self.register_buffer("block_weights", self.schedule.loss_weights(eta), persistent=False)
 
@@ -149,7 +152,7 @@ class NoPropModule(ClassifierModule):
                 f"diffusion_backend='numba' has CPU kernels only, but the trainer runs on "
                 f"{device}: use diffusion_backend='torch' there"
             )
-        self.init_prototypes_from_data(self.embedding)
+        self.init_prototypes_from_data(self.embedding, self.head)
 
     def configure_optimizers(self) -> Any:
         """One optimizer per block, then one for the head and embedding (the last one)."""

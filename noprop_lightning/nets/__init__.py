@@ -1,9 +1,16 @@
-from noprop_lightning.nets.blocks import DenoisingBlock, ResidualLabelPath, build_blocks, denoise
+from noprop_lightning.nets.blocks import (
+    ClassifierHead,
+    DenoisingBlock,
+    ResidualLabelPath,
+    build_blocks,
+    denoise,
+)
 from noprop_lightning.nets.embeddings import LabelEmbedding, class_medoids, resolve_embed_dim
 from noprop_lightning.nets.encoders import ConvEncoder, MLPEncoder, build_encoder
 from noprop_lightning.nets.time_blocks import TimeConditionedBlock, sinusoidal_time_embedding
 
 __all__ = [
+    "ClassifierHead",
     "ConvEncoder",
     "DenoisingBlock",
     "LabelEmbedding",
