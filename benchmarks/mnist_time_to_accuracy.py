@@ -1,10 +1,14 @@
 """NoProp-DT vs backprop on real MNIST under a fixed training wall-time budget.
 
 Trains the small CPU configs (``configs/noprop_mnist_small.yaml`` and
-``configs/backprop_mnist_small.yaml``: the same blocks) one after the other, each for at
-most ``--budget`` seconds of *training* wall time. Every ``--eval-every`` optimizer batches
-the clock is paused and test accuracy is measured (pure observation: the training budget
-is fixed, nothing is selected with it). Prints a rich table and writes JSON.
+``configs/backprop_mnist_small.yaml``: the same blocks) one after the other, each for its
+config's ``max_epochs`` or at most ``--budget`` seconds of *training* wall time, whichever
+comes first. Models, batch size, optimizers and schedulers are built from the YAML through
+the CLI (any config path works with ``--configs``). Every ``--eval-every`` batches and at
+the end the clock is paused and test accuracy is measured with the config's inference mode
+(pure observation: nothing is selected with it). For NoProp the final model is also
+evaluated with deterministic and with stochastic inference. Prints a rich table and writes
+JSON.
 
 Example::
 
@@ -221,7 +225,7 @@ def main() -> None:
             f"{r.get('test_acc_deterministic', float('nan')):.4f}",
             f"{r.get('test_acc_stochastic', float('nan')):.4f}",
         )
-    Console().print(table)
+    Console(width=140).print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
