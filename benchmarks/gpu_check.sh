@@ -22,6 +22,11 @@ if [ ! -d "$DATA_DIR/MNIST/raw" ] && [ -n "${MNIST_GZ:-}" ]; then
   for f in "$MNIST_GZ"/*.gz; do gunzip -c "$f" >"$DATA_DIR/MNIST/raw/$(basename "$f" .gz)"; done
 fi
 
+if ! "$PY" -c "import jsonargparse, docstring_parser, typeshed_client, lightning, torchmetrics, numba" 2>/dev/null; then
+  echo "error: $PY lacks the project's dependencies (LightningCLI needs jsonargparse[signatures]);" \
+    "run 'pip install -e .' first, or carry them as wheels" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, lightning, numba; print('torch', torch.__version__, 'lightning', \
 lightning.__version__, 'numba', numba.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
