@@ -251,16 +251,21 @@ def test_module_with_numba_matches_torch_backend(execution, options):
 
 
 # ------------------------------------------------------------------ refusals
-def test_non_cpu_tensors_are_refused_not_silently_handled():
-    u = torch.empty(4, 3, device="meta")
-    noise = torch.empty(2, 4, 3, device="meta")
-    coef = torch.empty(2, device="meta")
-    with pytest.raises(ConfigurationError, match="no kernel for tensors on meta"):
+def assert_every_op_refuses(device: str) -> None:
+    """Every Numba op raises a clear error for tensors on ``device`` (no silent fallback)."""
+    u = torch.ones(4, 3, device=device)
+    noise = torch.ones(2, 4, 3, device=device)
+    coef = torch.ones(2, device=device)
+    with pytest.raises(ConfigurationError, match=f"no kernel for tensors on {device}"):
         NUMBA.sample_marginals(u, coef, coef, noise)
     with pytest.raises(ConfigurationError, match="diffusion_backend='torch'"):
         NUMBA.denoising_losses(noise, u, coef)
     with pytest.raises(ConfigurationError, match="no kernel"), torch.no_grad():
         NUMBA.inference_update(u, u, coef[0], coef[0], coef[0], u)
+
+
+def test_non_cpu_tensors_are_refused_not_silently_handled():
+    assert_every_op_refuses("meta")
 
 
 def test_setup_refuses_numba_on_an_accelerator():
@@ -276,11 +281,7 @@ def test_real_cuda_tensors_and_gpu_training_are_refused():
     """On a real GPU: the kernels refuse CUDA tensors and ``fit`` on the GPU stops at setup."""
     import lightning as L
 
-    u = torch.zeros(4, 3, device="cuda")
-    noise = torch.zeros(2, 4, 3, device="cuda")
-    coef = torch.ones(2, device="cuda")
-    with pytest.raises(ConfigurationError, match="no kernel for tensors on cuda"):
-        NUMBA.sample_marginals(u, coef, coef, noise)
+    assert_every_op_refuses("cuda")
     module = NoPropModule(**TINY, num_blocks=2, diffusion_backend="numba")
     x, y = tiny_batch()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
