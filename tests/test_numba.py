@@ -109,13 +109,16 @@ def test_losses_and_their_gradients_match_torch(kernel_variant, dtype, shape):
     loss_n = NUMBA.denoising_losses(*leaves_n, d["weights"])
     assert loss_n.shape == (k,) and loss_n.dtype == dtype
     torch.testing.assert_close(loss_n, loss_t, **TOL[dtype])
-    upstream = torch.randn(k, dtype=dtype)
+    upstream = torch.randn(k, dtype=dtype, generator=torch.Generator().manual_seed(k + batch))
     for g_n, g_t in zip(
         torch.autograd.grad(loss_n, leaves_n, upstream),
         torch.autograd.grad(loss_t, leaves_t, upstream),
         strict=True,
     ):
-        torch.testing.assert_close(g_n, g_t, **TOL[dtype])
+        # grad_u sums k terms in another order than torch: allow rounding relative to the
+        # largest gradient (cancellation can make single elements tiny).
+        atol = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * float(g_t.abs().max())
+        torch.testing.assert_close(g_n, g_t, rtol=TOL[dtype]["rtol"], atol=atol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
