@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from noprop_lightning import NoPropModule
 from noprop_lightning.cli import NoPropCLI
+from noprop_lightning.errors import NoPropUserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,4 +240,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NoPropUserError as err:  # missing data, bad config values: one paragraph, status 2
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
