@@ -107,16 +107,8 @@ class EpochTimer(Callback):
             # Resumed from a mid-epoch checkpoint: the epoch's start was never timed.
             return
         self._epoch_started = False
-        synchronize(pl_module)
-        self._train.pause()
-        seconds = reduce_across_ranks(trainer, pl_module, {"s": self._train.elapsed}, op="max")["s"]
-        samples = reduce_across_ranks(
-            trainer, pl_module, {"n": float(self._train_samples)}, op="sum"
-        )["n"]
-        rate = samples / seconds if seconds > 0 else 0.0
-        log_scalars(
-            pl_module,
-            {"time/train_epoch_s": seconds, "throughput/train_samples_per_s": rate},
+        seconds, samples, rate = self._stop_and_log(
+            trainer, pl_module, "train", self._train, self._train_samples
         )
         record = {
             "epoch": float(trainer.current_epoch),
@@ -197,15 +189,28 @@ class EpochTimer(Callback):
         self._eval.restart()
 
     def _finish_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> float:
+        return self._stop_and_log(trainer, pl_module, stage, self._eval, self._eval_samples)[0]
+
+    @staticmethod
+    def _stop_and_log(
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        stage: str,
+        clock: _Stopwatch,
+        samples: int,
+    ) -> tuple[float, float, float]:
+        """Stop ``clock`` and log ``time/<stage>_epoch_s`` and the throughput.
+
+        Returns:
+            Seconds (max over ranks), samples (sum over ranks) and samples per second.
+        """
         synchronize(pl_module)
-        self._eval.pause()
-        seconds = reduce_across_ranks(trainer, pl_module, {"s": self._eval.elapsed}, op="max")["s"]
-        samples = reduce_across_ranks(
-            trainer, pl_module, {"n": float(self._eval_samples)}, op="sum"
-        )["n"]
-        rate = samples / seconds if seconds > 0 else 0.0
+        clock.pause()
+        seconds = reduce_across_ranks(trainer, pl_module, {"s": clock.elapsed}, op="max")["s"]
+        total = reduce_across_ranks(trainer, pl_module, {"n": float(samples)}, op="sum")["n"]
+        rate = total / seconds if seconds > 0 else 0.0
         log_scalars(
             pl_module,
             {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate},
         )
-        return seconds
+        return seconds, total, rate
