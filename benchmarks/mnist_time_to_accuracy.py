@@ -31,7 +31,7 @@ from rich.table import Table
 
 from noprop_lightning import NoPropModule
 from noprop_lightning.cli import NoPropCLI
-from noprop_lightning.errors import NoPropUserError
+from noprop_lightning.errors import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,8 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except NoPropUserError as err:  # missing data, bad config values: one paragraph, status 2
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sys.exit(exit_status(main))  # missing data, bad config values: one paragraph, status 2

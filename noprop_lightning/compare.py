@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from noprop_lightning.errors import ConfigurationError, NoPropUserError
+from noprop_lightning.errors import ConfigurationError, NoPropUserError, exit_status
 from noprop_lightning.report import ReportResult, report
 
 SIZES = {"paper": "", "small": "_small"}
@@ -358,12 +358,7 @@ def _positive_float(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 after a user error)."""
-    try:
-        compare(argv)
-    except NoPropUserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: compare(argv))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Exceptions whose message is meant for a person, not a traceback."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class NoPropUserError(Exception):
     """Base class for errors caused by user input (config, data, arguments).
@@ -35,3 +40,20 @@ class TrainingDivergedError(NoPropUserError, RuntimeError):
     The check runs before any optimizer step of the batch, so the weights in memory are those
     of the previous step and the checkpoints on disk are untouched.
     """
+
+
+def exit_status(command: Callable[[], object]) -> int:
+    """Run ``command``; print a user error as one ``error: ...`` paragraph.
+
+    For command-line entry points other than the CLI (``report``, ``compare``, benchmarks).
+
+    Returns:
+        0 on success, 2 after a :class:`NoPropUserError` (anything else propagates: a bug
+        keeps its traceback).
+    """
+    try:
+        command()
+    except NoPropUserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

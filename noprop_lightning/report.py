@@ -36,7 +36,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noprop_lightning.callbacks.summary import format_value
-from noprop_lightning.errors import NoPropUserError
+from noprop_lightning.errors import NoPropUserError, exit_status
 
 EVENT_GLOB = "events.out.tfevents.*"
 
@@ -421,12 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     parser.add_argument("--title", default="Run comparison", help="title of the table")
     args = parser.parse_args(argv)
-    try:
-        report(args.runs, args.out, title=args.title)
-    except NoPropUserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: report(args.runs, args.out, title=args.title))
 
 
 if __name__ == "__main__":
