@@ -22,6 +22,7 @@ from noprop_lightning.errors import (
     ConfigurationError,
     TrainingDivergedError,
 )
+from noprop_lightning.nets.blocks import ClassifierHead
 
 #: Checkpoint key under which the global RNG states (torch, CUDA, numpy, python) are stored.
 RNG_STATE_KEY = "noprop_rng_states"
@@ -98,13 +99,12 @@ class ClassifierModule(L.LightningModule):
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def init_prototypes_from_data(self, embedding: Any, head: Any = None) -> None:
+    def init_prototypes_from_data(self, embedding: Any, head: ClassifierHead | None = None) -> None:
         """Initialise a prototype embedding from the attached data module, once.
 
         Does nothing for other embedding kinds or when the prototypes were already set
-        (for example restored from a checkpoint). A ``head`` with ``reset_from_embedding``
-        (:class:`~noprop_lightning.nets.ClassifierHead`) is re-initialised from the new
-        prototypes.
+        (for example restored from a checkpoint). ``head`` (the classifier that reads this
+        embedding) is re-initialised from the new prototypes.
 
         Raises:
             ConfigurationError: If prototypes are needed but no data module provides images.
@@ -119,7 +119,7 @@ class ClassifierModule(L.LightningModule):
                 "embedding.init_prototypes(images, labels) before training"
             )
         embedding.init_prototypes(*datamodule.class_examples())
-        if head is not None and hasattr(head, "reset_from_embedding"):
+        if head is not None:
             head.reset_from_embedding(embedding)
 
     def on_train_start(self) -> None:
