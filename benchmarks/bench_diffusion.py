@@ -35,7 +35,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.benchmark import Timer
 
-from noprop_lightning.diffusion import CosineSchedule, NumbaDiffusionOps, TorchDiffusionOps
+from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
+from noprop_lightning.schedules import CosineSchedule, TorchDiffusionOps
 
 OPS = ("sample", "sample+grad", "loss+grad", "update")
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusion.json"

@@ -80,12 +80,15 @@ def build_module(method: str, size: str, num_blocks: int, options: dict[str, Any
     }
     if method == "backprop":
         return BackpropModule(architecture="chained", **common)
-    extra: dict[str, Any] = {"diffusion_backend": options.get("backend", "torch")}
+    execution: dict[str, Any] = {
+        "mode": method,
+        "diffusion_backend": options.get("backend", "torch"),
+    }
     if method == "threaded" and options.get("num_threads"):
-        extra["num_threads"] = options["num_threads"]
+        execution["num_threads"] = options["num_threads"]
     if method == "fused" and options.get("chunk"):
-        extra["fused_chunk_size"] = options["chunk"]
-    return NoPropModule(execution=method, **common, **extra)
+        execution["chunk_size"] = options["chunk"]
+    return NoPropModule(execution=execution, **common)
 
 
 def synthetic_loader(size: str, batch: int, batches: int) -> DataLoader:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import difflib
 import importlib
 import inspect
 import re
 import sys
+import typing
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -18,8 +21,9 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from noprop_lightning.callbacks.checkpoint import flatten_mapping, structural_differences
 from noprop_lightning.errors import CheckpointError, CheckpointMismatchError, NoPropUserError
-from noprop_lightning.modules.base import ClassifierModule, structural_differences
+from noprop_lightning.modules.base import ClassifierModule
 
 LINKED_DATA_PROPERTIES = ("num_classes", "in_channels", "image_size")
 
@@ -45,8 +49,10 @@ class NoPropCLI(LightningCLI):
     With ``--ckpt_path FILE`` the checkpoint is checked before anything is built: it must
     exist and be readable, and its structural model settings (``T``, embedding, sizes; see
     :attr:`~noprop_lightning.modules.base.ClassifierModule.structural_hparams`) must agree
-    with the config's. Lightning then takes the remaining model settings from the checkpoint
-    (a warning names those that the config sets differently).
+    with the config's. Lightning then takes the model settings from the checkpoint, except
+    the runtime ones (:attr:`~noprop_lightning.modules.base.ClassifierModule.runtime_hparams`:
+    inference mode and steps, execution path, diffusion backend), which come from the config
+    and command line; a warning names the other config values that the checkpoint overrides.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -64,6 +70,28 @@ class NoPropCLI(LightningCLI):
         """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
         super().parse_arguments(parser, args)
         self._check_ckpt_path()
+
+    def _parse_ckpt_path(self) -> None:
+        """Merge the checkpoint's hyper-parameters, keeping the config's runtime settings."""
+        model = self._model_config()
+        keep = {}
+        if model is not None and model.get("init_args") is not None:
+            cls = _import_class(str(model.class_path))
+            for key in getattr(cls, "runtime_hparams", ()):
+                if key in model.init_args:
+                    keep[key] = copy.deepcopy(model.init_args[key])
+        super()._parse_ckpt_path()
+        model = self._model_config()
+        if model is not None and model.get("init_args") is not None:
+            for key, value in keep.items():
+                model.init_args[key] = value
+
+    def _model_config(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return None
+        model = self.config[subcommand].get("model")
+        return model if model is not None and hasattr(model, "class_path") else None
 
     def after_fit(self) -> None:
         """Evaluate on the test split after fitting (best checkpoint when there is one)."""
@@ -166,7 +194,7 @@ def _check_model_against_checkpoint(
     init_args = model_config.get("init_args")
     if init_args is None or not saved:
         return
-    current = dict(vars(init_args))
+    current = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(vars(init_args))
     # Data-linked values are filled in at instantiation; the module checks them on load.
     for name in LINKED_DATA_PROPERTIES:
         current.pop(name, None)
@@ -179,7 +207,11 @@ def _check_model_against_checkpoint(
             "shape. Remove the options that change these settings (or reuse the config.yaml "
             "saved next to the run's checkpoints), or start a fresh run without --ckpt_path."
         )
-    others = structural_differences(saved, current, [k for k in saved if k not in keys])
+    runtime = tuple(getattr(config_class, "runtime_hparams", ()))
+    other_keys = [
+        k for k in flatten_mapping(saved) if k not in keys and k.split(".")[0] not in runtime
+    ]
+    others = structural_differences(saved, current, other_keys)
     if others:
         warnings.warn(
             f"resuming from {ckpt_path}: Lightning uses the checkpoint's model settings, so "
@@ -213,16 +245,30 @@ _UNKNOWN_OPTION = re.compile(
 _CLASS_PATH = re.compile(r"class_path '([\w.]+)'")
 
 
-def _init_parameters(cls: type) -> list[str]:
-    """Names of the ``__init__`` arguments of ``cls`` and its bases."""
-    names: list[str] = []
+def _init_parameters(cls: type) -> dict[str, str]:
+    """The ``__init__`` arguments of ``cls`` and its bases, by their last name component.
+
+    Fields of settings-dataclass arguments are listed by their dotted name, so an option
+    that moved into a group (``hidden`` -> ``network.hidden``) is found by its old name.
+    """
+    names: dict[str, str] = {}
     for klass in inspect.getmro(cls):
-        if "__init__" in vars(klass):
-            try:
-                names += list(inspect.signature(klass.__init__).parameters)
-            except (TypeError, ValueError):
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            hints = typing.get_type_hints(klass.__init__)
+            parameters = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError, NameError):
+            continue
+        for name in parameters:
+            if name in ("self", "args", "kwargs"):
                 continue
-    return [n for n in names if n not in ("self", "args", "kwargs")]
+            names.setdefault(name, name)
+            hint = hints.get(name)
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                for field in dataclasses.fields(hint):
+                    names.setdefault(field.name, f"{name}.{field.name}")
+    return names
 
 
 def _did_you_mean(message: str) -> str:
@@ -238,8 +284,9 @@ def _did_you_mean(message: str) -> str:
         cls = Trainer if option.startswith("trainer.") else None
     if cls is None:
         return ""
-    close = difflib.get_close_matches(option.rsplit(".", 1)[-1], _init_parameters(cls), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    candidates = _init_parameters(cls)
+    close = difflib.get_close_matches(option.rsplit(".", 1)[-1], list(candidates), n=1)
+    return f" (did you mean '{candidates[close[0]]}'?)" if close else ""
 
 
 def condense_parser_message(message: str) -> str:

@@ -150,7 +150,7 @@ def plan_runs(args: argparse.Namespace, extra: Sequence[str], stamp: str) -> lis
     ):
         specific = []
         if key == "noprop_dt" and args.execution is not None:
-            specific = ["--model.init_args.execution", args.execution]
+            specific = ["--model.init_args.execution.mode", args.execution]
         logger = [
             "--trainer.logger.init_args.save_dir",
             str(save_dir),

@@ -6,7 +6,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-TINY = {"num_classes": 4, "in_channels": 1, "image_size": 8, "channels": (4, 4, 4), "hidden": 16}
+TINY_NETWORK = {"channels": (4, 4, 4), "hidden": 16}
+TINY = {"num_classes": 4, "in_channels": 1, "image_size": 8, "network": TINY_NETWORK}
+
+
+def tiny_network(**fields) -> dict:
+    """:data:`TINY`'s network settings with some fields changed (e.g. ``dropout=0.0``)."""
+    return {**TINY_NETWORK, **fields}
 
 
 def tiny_batch(

@@ -15,7 +15,8 @@ def tiny_config(tmp_path: Path, name: str) -> Path:
     """The shipped small config with tiny blocks, 2 epochs and a fake-data-sized split."""
     config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     config["trainer"]["max_epochs"] = 2
-    config["model"]["init_args"].update({"num_blocks": 2, "hidden": 16})
+    config["model"]["init_args"]["num_blocks"] = 2
+    config["model"]["init_args"]["network"]["hidden"] = 16
     config["model"]["init_args"]["scheduler"]["init_args"]["T_max"] = 2
     config["data"]["init_args"].update({"batch_size": 16, "val_size": 16})
     path = tmp_path / f"{name}.yaml"

@@ -85,9 +85,9 @@ def test_validate_and_test_subcommands(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
     small = [
-        "--model.init_args.channels",
+        "--model.init_args.network.channels",
         "[4, 4, 4]",
-        "--model.init_args.hidden",
+        "--model.init_args.network.hidden",
         "16",
         "--trainer.limit_val_batches",
         "1",

@@ -38,9 +38,9 @@ QUICK = [
     str(CONFIGS / "quickstart.yaml"),
     "--model.init_args.num_blocks",
     "2",
-    "--model.init_args.channels",
+    "--model.init_args.network.channels",
     "[4,4,4]",
-    "--model.init_args.hidden",
+    "--model.init_args.network.hidden",
     "16",
     "--trainer.max_epochs",
     "1",
@@ -175,7 +175,31 @@ BAD_INPUTS = [
     (
         "unknown embedding kind",
         ["--model.init_args.embedding", "onehott"],
-        "unknown embedding 'onehott'",
+        'invalid option or config value: Parser key "model": Problem with given class_path '
+        "'noprop_lightning.NoPropModule': Parser key \"embedding\": Expected a "
+        "typing.Literal['onehot', 'learned', 'prototype']. Got value: onehott",
+    ),
+    (
+        "unknown execution mode",
+        ["--model.init_args.execution.mode", "parallel"],
+        'invalid option or config value: Parser key "model": Problem with given class_path '
+        "'noprop_lightning.NoPropModule': Parser key \"execution.mode\": Expected a "
+        "typing.Literal['sequential', 'threaded', 'fused']. Got value: parallel",
+    ),
+    (
+        "dropout above 1",
+        ["--model.init_args.network.dropout", "1.5"],
+        "network.dropout must be a finite number >= 0.0 and < 1.0, got 1.5",
+    ),
+    (
+        "infinite SNR bound",
+        ["--model.init_args.objective.snr_max", ".inf"],
+        "objective.snr_max must be a finite number > 0.001, got inf",
+    ),
+    (
+        "NaN eta",
+        ["--model.init_args.objective.eta", ".nan"],
+        "objective.eta must be a finite number > 0.0, got nan",
     ),
 ]
 
@@ -250,11 +274,14 @@ def test_checkpoint_with_other_T_via_cli(quick_checkpoint, capsys):
 
 def test_resume_warns_that_checkpoint_settings_win(quick_checkpoint, capsys):
     """Lightning resumes with the checkpoint's model settings; a changed one is named."""
-    args = [*QUICK, "--model.init_args.dropout", "0.3", "--ckpt_path", str(quick_checkpoint)]
-    with pytest.warns(UserWarning, match=r"ignored: dropout: checkpoint 0.1, this model 0.3"):
+    args = [*QUICK, "--model.init_args.network.dropout", "0.3"]
+    args += ["--ckpt_path", str(quick_checkpoint)]
+    with pytest.warns(
+        UserWarning, match=r"ignored: network.dropout: checkpoint 0.1, this model 0.3"
+    ):
         cli = main([*args, "--trainer.max_epochs", "2"])
     assert cli is not None and cli.trainer.state.finished
-    assert cli.model.hparams.dropout == 0.1
+    assert cli.model.hparams.network["dropout"] == 0.1
 
 
 def test_checkpoint_of_another_module_class_via_cli(quick_checkpoint, capsys):
@@ -352,7 +379,7 @@ def test_nan_in_data_stops_continuous_time_before_the_step(module_class):
     x, y = tiny_batch(16)
     x[9, 0, 0, 0] = float("nan")  # second batch
     torch.manual_seed(0)
-    module = module_class(**TINY, inference_steps=2)
+    module = module_class(**TINY, inference={"steps": 2})
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
     before = {}
 
@@ -441,5 +468,5 @@ def test_condense_parser_message_keeps_only_informative_lines():
     )
     assert condense_parser_message(message) == (
         "Parser key \"model\": Problem with given class_path 'noprop_lightning.NoPropModule': "
-        "Option 'hiden' is not accepted (did you mean 'hidden'?)"
+        "Option 'hiden' is not accepted (did you mean 'network.hidden'?)"
     )

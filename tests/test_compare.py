@@ -22,9 +22,9 @@ from noprop_lightning.errors import ConfigurationError
 TINY_MODEL = [
     "--model.init_args.num_blocks",
     "2",
-    "--model.init_args.encoder",
+    "--model.init_args.network.encoder",
     "mlp",
-    "--model.init_args.hidden",
+    "--model.init_args.network.hidden",
     "16",
     "--data.init_args.val_size",
     "16",
@@ -85,7 +85,7 @@ def test_compare_mnist_end_to_end(tmp_path, fake_mnist_dir):
         assert config["data"]["init_args"]["data_dir"] == str(fake_mnist_dir)
         assert config["model"]["class_path"].endswith(cls)
         assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.002
-        assert config["model"]["init_args"]["encoder"] == "mlp"
+        assert config["model"]["init_args"]["network"]["encoder"] == "mlp"
     for run in result.runs:
         s = run.summary()
         assert s["epochs"] == 1

@@ -8,10 +8,11 @@ import torch
 import yaml
 
 from noprop_lightning import NoPropCTModule, NoPropFMModule, TimeConditionedBlock
-from noprop_lightning.diffusion import LearnableSchedule, flow_matching_sample, integrate
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.nets import sinusoidal_time_embedding
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from noprop_lightning.objectives import CTObjective
+from noprop_lightning.schedules import LearnableSchedule, flow_matching_sample, integrate
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_network, tiny_trainer
 
 T_GRID = torch.linspace(0, 1, 201)
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -27,11 +28,11 @@ def one_thread():
 
 
 def make_ct(**kwargs) -> NoPropCTModule:
-    return NoPropCTModule(**{**TINY, "inference_steps": 8, **kwargs})
+    return NoPropCTModule(**{**TINY, "inference": {"steps": 8}, **kwargs})
 
 
 def make_fm(**kwargs) -> NoPropFMModule:
-    return NoPropFMModule(**{**TINY, "inference_steps": 8, **kwargs})
+    return NoPropFMModule(**{**TINY, "inference": {"steps": 8}, **kwargs})
 
 
 def randomise(schedule: LearnableSchedule, seed: int, scale: float = 3.0) -> None:
@@ -93,7 +94,7 @@ def test_schedule_stays_monotone_after_training_steps():
 
 def test_ct_denoising_weight_is_half_eta_snr_derivative_and_positive():
     torch.manual_seed(0)
-    m = make_ct(eta=0.7).eval()
+    m = make_ct(objective={"eta": 0.7}).eval()
     x, y = tiny_batch()
     t = torch.rand(len(y))
     noise, final = torch.randn(len(y), 4), torch.randn(len(y), 4)
@@ -197,7 +198,7 @@ def test_module_inference_with_perfect_predictor_predicts_the_labels(make, sampl
     x, y = tiny_batch(n=8)
     u = m.embedding.weight.detach()[y]
     if isinstance(m, NoPropCTModule):
-        with mock.patch.object(NoPropCTModule, "denoise", lambda self, f, z, t: u):
+        with mock.patch.object(CTObjective, "denoise", lambda self, net, f, z, t: u):
             z1 = m.sample(x, 5, sampler)
         assert (z1 - u).norm(dim=-1).max() < 0.02 * u.norm(dim=-1).min()
     else:
@@ -243,10 +244,8 @@ def test_training_learns_a_separable_problem(make, epochs):
     """MLP encoder: on tiny 8x8 inputs the 4-channel conv stack without BN often dies."""
     torch.manual_seed(0)
     m = make(
-        encoder="mlp",
-        hidden=32,
-        dropout=0.0,
-        inference_steps=10,
+        network={"encoder": "mlp", "hidden": 32, "dropout": 0.0},
+        inference={"steps": 10},
         optimizer=lambda p: torch.optim.Adam(p, lr=3e-3),
     )
     trainer = tiny_trainer(max_epochs=epochs)
@@ -261,7 +260,7 @@ def test_fm_loss_terms_and_ce_anchor_only_for_trainable_embeddings():
     torch.manual_seed(0)
     x, y = tiny_batch()
     t, z0, noise = torch.rand(len(y)), torch.randn(len(y), 4), torch.randn(len(y), 4)
-    onehot = make_fm(sigma=0.3).eval()
+    onehot = make_fm(objective={"sigma": 0.3}).eval()
     terms = onehot.losses(x, y, t, z0, noise)
     assert set(terms) == {"loss", "flow"}
     u = torch.eye(4)[y]
@@ -269,7 +268,7 @@ def test_fm_loss_terms_and_ce_anchor_only_for_trainable_embeddings():
     v = onehot.net(x, z_t, t)
     torch.testing.assert_close(terms["flow"], (v - (u - z0)).pow(2).sum(-1).mean())
 
-    learned = make_fm(embedding="learned", embed_dim=5, sigma=0.0).eval()
+    learned = make_fm(embedding="learned", embed_dim=5, objective={"sigma": 0.0}).eval()
     z0 = torch.randn(len(y), 5)
     terms = learned.losses(x, y, t, z0, noise[:, :1].expand(-1, 5))
     u = learned.embedding(y)
@@ -292,7 +291,7 @@ def test_inference_is_deterministic_by_default_and_never_touches_labels(make):
         preds = tiny_trainer().predict(m, tiny_loader())
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.cat(preds).shape == (32,)
-    noisy = make(embedding="learned", embed_dim=6, inference_start="noise").eval()
+    noisy = make(embedding="learned", embed_dim=6, inference={"steps": 8, "start": "noise"}).eval()
     noisy.load_state_dict(m.state_dict())
     assert not torch.equal(noisy.predict_logits(x), noisy.predict_logits(x))
 
@@ -300,7 +299,7 @@ def test_inference_is_deterministic_by_default_and_never_touches_labels(make):
 @pytest.mark.parametrize("make", [make_ct, make_fm])
 def test_validation_uses_val_inference_steps(make):
     torch.manual_seed(0)
-    m = make(inference_steps=7, val_inference_steps=3)
+    m = make(inference={"steps": 7, "val_steps": 3})
     seen = []
     original = type(m).sample
 
@@ -319,7 +318,11 @@ def test_validation_uses_val_inference_steps(make):
 @pytest.mark.parametrize("embedding", ["onehot", "learned", "prototype"])
 def test_checkpoint_round_trip_reproduces_predictions(tmp_path, make, embedding):
     torch.manual_seed(0)
-    m = make(embedding=embedding, sampler="heun", inference_steps=4, dropout=0.3)
+    m = make(
+        embedding=embedding,
+        inference={"sampler": "heun", "steps": 4},
+        network=tiny_network(dropout=0.3),
+    )
     if embedding == "prototype":
         m.embedding.init_prototypes(*tiny_batch(n=32))
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
@@ -327,7 +330,7 @@ def test_checkpoint_round_trip_reproduces_predictions(tmp_path, make, embedding)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     loaded = type(m).load_from_checkpoint(path)
-    assert loaded.hparams.sampler == "heun" and loaded.inference_steps == 4
+    assert loaded.hparams.inference["sampler"] == "heun" and loaded.inference_steps == 4
     assert loaded.embed_dim == m.embed_dim
     m.eval()
     loaded.eval()
@@ -349,24 +352,26 @@ def test_ct_trains_schedule_head_and_embedding_with_one_optimizer():
     metrics = trainer.callback_metrics
     for key in ("train/ce", "train/kl", "train/denoise", "train/gamma_0", "train/gamma_1"):
         assert torch.isfinite(metrics[key])
-    frozen = make_ct(learn_endpoints=False)
+    frozen = make_ct(objective={"learn_endpoints": False})
     assert not frozen.schedule.gamma_end.requires_grad and not frozen.schedule.raw_gap.requires_grad
 
 
 @pytest.mark.parametrize(
     ("make", "kwargs"),
     [
-        (make_ct, {"sampler": "rk4"}),
-        (make_ct, {"inference_steps": 0}),
-        (make_ct, {"val_inference_steps": 0}),
-        (make_ct, {"inference_start": "random"}),
-        (make_ct, {"eta": 0}),
-        (make_ct, {"gamma_0": -1.0, "gamma_1": 2.0}),
-        (make_ct, {"schedule_hidden": 0}),
-        (make_ct, {"time_dim": 1}),
+        (make_ct, {"inference": {"sampler": "rk4"}}),
+        (make_ct, {"inference": {"steps": 0}}),
+        (make_ct, {"inference": {"val_steps": 0}}),
+        (make_ct, {"inference": {"start": "random"}}),
+        (make_ct, {"objective": {"eta": 0}}),
+        (make_ct, {"objective": {"eta": float("nan")}}),
+        (make_ct, {"objective": {"gamma_0": -1.0, "gamma_1": 2.0}}),
+        (make_ct, {"objective": {"schedule_hidden": 0}}),
+        (make_ct, {"network": tiny_network(time_dim=1)}),
         (make_ct, {"embedding": "onehot", "embed_dim": 3}),
-        (make_fm, {"sigma": -0.1}),
-        (make_fm, {"sampler": "midpoint"}),
+        (make_fm, {"objective": {"sigma": -0.1}}),
+        (make_fm, {"objective": {"sigma": float("inf")}}),
+        (make_fm, {"inference": {"sampler": "midpoint"}}),
         (make_fm, {"embedding": "fancy"}),
     ],
 )
@@ -390,6 +395,6 @@ def test_configs_carry_paper_settings_and_build(method, dataset):
     epochs = {"mnist": 100, "cifar10": 500, "cifar100": 1000}
     if dataset in epochs:
         assert config["trainer"]["max_epochs"] == epochs[dataset]
-        assert model["init_args"]["inference_steps"] == 1000
+        assert model["init_args"]["inference"]["steps"] == 1000
     module = cls(**{k: v for k, v in model["init_args"].items() if k != "optimizer"})
-    assert module.inference_steps == model["init_args"]["inference_steps"]
+    assert module.inference_steps == model["init_args"]["inference"]["steps"]

@@ -20,14 +20,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-TINY_NOPROP = ["--model.init_args.channels", "[4,4,4]", "--model.init_args.hidden", "16"]
+TINY_NOPROP = [
+    "--model.init_args.network.channels",
+    "[4,4,4]",
+    "--model.init_args.network.hidden",
+    "16",
+]
 TINY_NOPROP += ["--model.init_args.num_blocks", "3"]
 TINY_BACKPROP = [
     "--model",
     json.dumps(
         {
             "class_path": "noprop_lightning.BackpropModule",
-            "init_args": {"num_blocks": 3, "channels": [4, 4, 4], "hidden": 16},
+            "init_args": {"num_blocks": 3, "network": {"channels": [4, 4, 4], "hidden": 16}},
         }
     ),
 ]

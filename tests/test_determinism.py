@@ -44,10 +44,15 @@ def run(method: str, seed: int) -> dict:
     """One CLI fit of a tiny model on digits (2 epochs x 4 batches, validation, test)."""
     args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
     if method == "noprop":
-        args += ["--model.init_args.num_blocks", "3", "--model.init_args.channels", "[4,4,4]"]
-        args += ["--model.init_args.hidden", "16"]
+        args += [
+            "--model.init_args.num_blocks",
+            "3",
+            "--model.init_args.network.channels",
+            "[4,4,4]",
+        ]
+        args += ["--model.init_args.network.hidden", "16"]
     else:
-        model = {"num_blocks": 3, "channels": [4, 4, 4], "hidden": 16}
+        model = {"num_blocks": 3, "network": {"channels": [4, 4, 4], "hidden": 16}}
         model = {"class_path": "noprop_lightning.BackpropModule", "init_args": model}
         args += ["--model", json.dumps(model)]
     args += ["--seed_everything", str(seed), "--trainer.deterministic", "true"]

@@ -33,7 +33,8 @@ from noprop_lightning.execution import (
     ThreadedExecutor,
     build_executor,
 )
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from noprop_lightning.objectives import DTBatch
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_network, tiny_trainer
 
 RTOL, ATOL = 1e-9, 1e-12
 
@@ -59,20 +60,27 @@ PATH_IDS = ["threaded-2", "threaded-default", "fused-all", "fused-chunk2"]
 
 
 def make(**kwargs) -> NoPropModule:
-    params = {**TINY, "num_blocks": 3, "dropout": 0.0, **kwargs}
+    params = {**TINY, "num_blocks": 3, "network": tiny_network(dropout=0.0), **kwargs}
     return NoPropModule(**params)
 
 
-def with_plain_backward(module: NoPropModule):
-    """Let executors call ``manual_backward`` without a Trainer."""
-    return mock.patch.object(type(module), "manual_backward", lambda self, loss: loss.backward())
+def settings(mode: str, options: dict) -> dict:
+    """The ``execution`` settings of a module for ``build_executor``-style options."""
+    renamed = {"fused_chunk_size": "chunk_size"}
+    return {"mode": mode, **{renamed.get(k, k): v for k, v in options.items()}}
 
 
 def run_once(module: NoPropModule, executor, x, y, noise, block_ids=None, backward=True):
+    """One executor call on the module's blocks and objective, without a Trainer."""
     block_ids = list(range(module.num_blocks)) if block_ids is None else block_ids
-    with with_plain_backward(module):
-        losses = executor.run(module, x, y, noise, block_ids, backward=backward)
-    return losses
+    batch = DTBatch(x, y, noise)
+    return executor.run(
+        module.blocks,
+        module.objective,
+        batch,
+        block_ids,
+        torch.autograd.backward if backward else None,
+    )
 
 
 def assert_same_grads(module: NoPropModule, reference: NoPropModule, rtol=RTOL, atol=ATOL):
@@ -219,7 +227,7 @@ def test_parameters_after_one_and_several_steps_match_sequential(
     torch.manual_seed(0)
     reference = train(make(embedding="learned", **opt), 3, precision="64-true")
     torch.manual_seed(0)
-    module = make(embedding="learned", execution=execution, **options, **opt)
+    module = make(embedding="learned", execution=settings(execution, options), **opt)
     states = train(module, 3, precision="64-true")
     assert_same_states(states, reference, rtol=RTOL, atol=atol)
     # ... and the comparison can fail: every step moved the parameters by more than atol.
@@ -235,7 +243,7 @@ def test_float32_step_matches_sequential_to_rounding(execution, options):
     torch.manual_seed(0)
     reference = train(make(embedding="learned", **sgd), 1)
     torch.manual_seed(0)
-    states = train(make(embedding="learned", execution=execution, **options, **sgd), 1)
+    states = train(make(embedding="learned", execution=settings(execution, options), **sgd), 1)
     assert_same_states(states, reference, rtol=1e-4, atol=1e-6)
 
 
@@ -245,7 +253,7 @@ def test_training_with_random_block_order_matches_sequential(execution):
     torch.manual_seed(0)
     reference = train(make(block_order="random", num_blocks=4, **sgd), 3, precision="64-true")
     torch.manual_seed(0)
-    module = make(block_order="random", num_blocks=4, execution=execution, **sgd)
+    module = make(block_order="random", num_blocks=4, execution={"mode": execution}, **sgd)
     states = train(module, 3, precision="64-true")
     assert_same_states(states, reference, rtol=RTOL, atol=ATOL)
 
@@ -345,7 +353,7 @@ def test_threaded_workers_inherit_grad_mode_and_autocast():
 def test_threaded_executor_survives_deepcopy_and_pickle():
     import pickle
 
-    module = make(execution="threaded", num_threads=2)
+    module = make(execution={"mode": "threaded", "num_threads": 2})
     x, y = tiny_batch()
     noise = torch.randn(3, len(y), module.embed_dim)
     run_once(module, module.executor, x, y, noise)  # starts the pool
@@ -387,18 +395,20 @@ def test_fused_vmaps_blocks_into_one_call_per_chunk():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"execution": "threaded", "num_threads": 0},
-        {"execution": "threaded", "num_threads": 1.5},
-        {"execution": "fused", "fused_chunk_size": 0},
-        {"execution": "sequential", "num_threads": 2},
-        {"execution": "sequential", "fused_chunk_size": 2},
-        {"execution": "fused", "num_threads": 2},
-        {"execution": "parallel"},
+        {"mode": "threaded", "num_threads": 0},
+        {"mode": "threaded", "num_threads": 1.5},
+        {"mode": "fused", "chunk_size": 0},
+        {"mode": "sequential", "num_threads": 2},
+        {"mode": "sequential", "chunk_size": 2},
+        {"mode": "fused", "num_threads": 2},
+        {"mode": "parallel"},
+        {"mode": "sequential", "diffusion_backend": "cuda"},
+        {"mode": "sequential", "threads": 2},
     ],
 )
 def test_bad_execution_options_raise_clear_errors(kwargs):
     with pytest.raises(ConfigurationError):
-        make(**kwargs)
+        make(execution=kwargs)
 
 
 def test_registry_lists_every_path():
@@ -410,8 +420,8 @@ def test_registry_lists_every_path():
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 SMALL = [
     "--model.init_args.num_blocks=3",
-    "--model.init_args.channels=[4, 4, 4]",
-    "--model.init_args.hidden=16",
+    "--model.init_args.network.channels=[4, 4, 4]",
+    "--model.init_args.network.hidden=16",
     "--trainer.accelerator=cpu",
     "--trainer.fast_dev_run=true",
     "--test_after_fit=false",
@@ -422,36 +432,38 @@ def test_execution_and_backend_from_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     snippet = tmp_path / "fused_numba.yaml"
     snippet.write_text(
-        "model:\n  init_args:\n    execution: fused\n    fused_chunk_size: 2\n"
-        "    diffusion_backend: numba\n"
+        "model:\n  init_args:\n    execution:\n      mode: fused\n      chunk_size: 2\n"
+        "      diffusion_backend: numba\n"
     )
     cli = main(["fit", "--config", str(QUICKSTART), "--config", str(snippet), *SMALL])
     assert cli.trainer.state.finished and cli.trainer.global_step > 0
     assert isinstance(cli.model.executor, FusedExecutor)
     assert cli.model.executor.chunk_size == 2
-    assert cli.model.diffusion.name == "numba"
+    assert cli.model.objective.backend == "numba"
 
 
 def test_execution_and_backend_from_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     flags = [
-        "--model.init_args.execution=threaded",
-        "--model.init_args.num_threads=2",
-        "--model.init_args.diffusion_backend=torch",
+        "--model.init_args.execution.mode=threaded",
+        "--model.init_args.execution.num_threads=2",
+        "--model.init_args.execution.diffusion_backend=torch",
     ]
     cli = main(["fit", "--config", str(QUICKSTART), *SMALL, *flags])
     assert cli.trainer.state.finished and cli.trainer.global_step > 0
     assert isinstance(cli.model.executor, ThreadedExecutor)
     assert cli.model.executor.num_threads == 2
-    assert cli.model.diffusion.name == "torch"
+    assert cli.model.objective.backend == "torch"
 
 
 def test_command_line_rejects_unknown_execution(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(QUICKSTART), *SMALL, "--model.init_args.execution=gpu"])
+        main(["fit", "--config", str(QUICKSTART), *SMALL, "--model.init_args.execution.mode=gpu"])
     assert exc.value.code != 0
-    assert "unknown execution 'gpu'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "execution.mode" in error and "gpu" in error
+    assert "sequential" in error and "threaded" in error and "fused" in error
 
 
 @pytest.mark.slow
@@ -462,11 +474,11 @@ def test_command_line_rejects_unknown_execution(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--model.init_args.execution=threaded", "--model.init_args.num_threads=2"],
+        ["--model.init_args.execution.mode=threaded", "--model.init_args.execution.num_threads=2"],
         [
-            "--model.init_args.execution=fused",
-            "--model.init_args.fused_chunk_size=2",
-            "--model.init_args.diffusion_backend=numba",
+            "--model.init_args.execution.mode=fused",
+            "--model.init_args.execution.chunk_size=2",
+            "--model.init_args.execution.diffusion_backend=numba",
             "--model.init_args.embedding=learned",
         ],
     ],

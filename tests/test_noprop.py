@@ -7,7 +7,8 @@ import torch
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.nets import ClassifierHead
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from noprop_lightning.objectives import DTBatch
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_network, tiny_trainer
 
 
 def fast_adam(params):
@@ -30,15 +31,16 @@ def test_block_loss_has_no_gradient_into_other_blocks(embedding):
     m = make(embedding=embedding)
     x, y = tiny_batch()
     noise, final_noise = m.draw_noise(len(y))
+    batch = DTBatch(x, y, noise)
     for t in range(m.num_blocks):
-        loss = m.block_loss(t, x, y, noise[t])
+        loss = m.objective.block_loss(m.blocks[t], t, batch)
         others = [p for s in range(m.num_blocks) if s != t for p in block_params(m, s)]
         own = block_params(m, t)
         grads = torch.autograd.grad(loss, others + own, allow_unused=True)
         assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[: len(others)])
         # ...while the block's own parameters do get a gradient (the test can fail).
         assert any(g is not None and torch.count_nonzero(g) > 0 for g in grads[len(others) :])
-    ce, kl = m.head_loss(y, final_noise)
+    ce, kl = m.objective.head_losses(y, final_noise)
     all_blocks = [p for s in range(m.num_blocks) for p in block_params(m, s)]
     grads = torch.autograd.grad(ce + kl, all_blocks, allow_unused=True)
     assert all(g is None for g in grads)
@@ -180,7 +182,9 @@ def test_per_block_losses_are_logged():
 
 def test_block_losses_use_snr_weights():
     torch.manual_seed(0)
-    m = make(eta=0.1).eval()  # eval: dropout off, so both computations see the same net
+    m = make(
+        objective={"eta": 0.1}
+    ).eval()  # eval: dropout off, so both computations see the same net
     x, y = tiny_batch()
     noise, _ = m.draw_noise(len(y))
     for t in range(m.num_blocks):
@@ -189,7 +193,8 @@ def test_block_losses_use_snr_weights():
         uhat = torch.softmax(m.blocks[t](x, z), -1) @ m.embedding.weight
         expected = 0.5 * m.num_blocks * 0.1 * (m.schedule.snr[t + 1] - m.schedule.snr[t])
         expected = expected * (uhat - u).pow(2).sum(-1).mean()
-        torch.testing.assert_close(m.block_loss(t, x, y, noise[t]), expected)
+        loss = m.objective.block_loss(m.blocks[t], t, DTBatch(x, y, noise))
+        torch.testing.assert_close(loss, expected)
 
 
 def test_schedulers_step_per_epoch_for_every_optimizer():
@@ -243,7 +248,7 @@ def test_head_starts_as_a_nearest_embedding_reader(embedding, module_class):
 
 def test_default_head_init_is_pytorchs():
     torch.manual_seed(0)
-    m = make(num_blocks=2, head_init="default")
+    m = make(num_blocks=2, network=tiny_network(head_init="default"))
     assert not torch.allclose(m.head.weight, ClassifierHead.SCALE * torch.eye(4))
     assert m.head.weight.abs().max() <= 1 / 4**0.5  # kaiming-uniform bound of Linear(4, .)
     assert m.head.bias.abs().max() > 0
@@ -253,15 +258,21 @@ def test_default_head_init_is_pytorchs():
     "kwargs",
     [
         {"num_blocks": 0},
-        {"head_init": "zeros"},
+        {"network": tiny_network(head_init="zeros")},
         {"embedding": "onehot", "embed_dim": 7},
         {"embedding": "prototype", "embed_dim": 10},
         {"embedding": "learned", "embed_dim": 0},
         {"embedding": "fancy"},
         {"block_order": "backwards"},
         {"inference": "maybe"},
-        {"execution": "quantum"},
-        {"eta": 0},
+        {"execution": {"mode": "quantum"}},
+        {"objective": {"eta": 0}},
+        {"objective": {"eta": float("nan")}},
+        {"objective": {"snr_max": float("inf")}},
+        {"objective": {"snr_max": 1e30}},
+        {"network": tiny_network(dropout=1.5)},
+        {"network": tiny_network(channels=(4, 4))},
+        {"num_classes": 0},
     ],
 )
 def test_bad_hyper_parameters_raise_clear_errors(kwargs):

@@ -21,16 +21,13 @@ import pytest
 import torch
 
 from noprop_lightning import NoPropModule
-from noprop_lightning.diffusion import (
-    CosineSchedule,
-    NumbaDiffusionOps,
-    TorchDiffusionOps,
-    build_diffusion_ops,
-)
-from noprop_lightning.diffusion import ops as ops_module
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import build_executor
-from tests.helpers import TINY, tiny_batch
+from noprop_lightning.objectives import DTBatch, build_diffusion_ops
+from noprop_lightning.objectives import numba_ops as ops_module
+from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
+from noprop_lightning.schedules import CosineSchedule, TorchDiffusionOps
+from tests.helpers import TINY, tiny_batch, tiny_network
 
 TORCH, NUMBA = TorchDiffusionOps(), NumbaDiffusionOps()
 TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-7}, torch.float64: {"rtol": 1e-12, "atol": 1e-14}}
@@ -166,7 +163,7 @@ def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
     script = textwrap.dedent(
         """
         import numba, torch
-        from noprop_lightning.diffusion.ops import NumbaDiffusionOps, PARALLEL_MIN_ELEMENTS
+        from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps, PARALLEL_MIN_ELEMENTS
         ops = NumbaDiffusionOps()
         u = torch.randn(4096, 10, requires_grad=True)
         noise = torch.randn(10, 4096, 10)
@@ -186,7 +183,9 @@ def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
 def test_module_with_numba_never_calls_the_torch_ops():
     """Training and inference with diffusion_backend='numba' launch Numba kernels only."""
     torch.manual_seed(0)
-    module = NoPropModule(**TINY, num_blocks=3, embedding="learned", diffusion_backend="numba")
+    module = NoPropModule(
+        **TINY, num_blocks=3, embedding="learned", execution={"diffusion_backend": "numba"}
+    )
     x, y = tiny_batch()
     noise = torch.randn(3, len(y), module.embed_dim)
     refuse = mock.Mock(side_effect=AssertionError("torch diffusion op used"))
@@ -195,10 +194,12 @@ def test_module_with_numba_never_calls_the_torch_ops():
         mock.patch.object(TorchDiffusionOps, "denoising_losses", refuse),
         mock.patch.object(TorchDiffusionOps, "inference_update", refuse),
         mock.patch.object(ops_module, "_launch", wraps=ops_module._launch) as launch,
-        mock.patch.object(type(module), "manual_backward", lambda self, loss: loss.backward()),
     ):
-        module.executor.run(module, x, y, noise, [0, 1, 2])
-        module.head_loss(y, noise[0])
+        batch = DTBatch(x, y, noise, shared_grad_scale=1 / 3)
+        module.executor.run(
+            module.blocks, module.objective, batch, [0, 1, 2], torch.autograd.backward
+        )
+        module.objective.head_losses(y, noise[0])
         module.eval()
         module.predict_logits(x, deterministic=False)
         module.predict_logits(x, deterministic=True)
@@ -221,18 +222,20 @@ def test_module_with_numba_matches_torch_backend(execution, options):
     """Same losses, gradients and predictions as the torch backend, on every execution path
     (threaded calls the kernels concurrently from worker threads)."""
     torch.manual_seed(0)
-    reference = NoPropModule(**TINY, num_blocks=3, embedding="learned", dropout=0.0).double()
+    reference = NoPropModule(
+        **{**TINY, "network": tiny_network(dropout=0.0)}, num_blocks=3, embedding="learned"
+    ).double()
     module = copy.deepcopy(reference)
-    module.diffusion = build_diffusion_ops("numba")
+    module.objective.use_backend("numba")
     module.executor = build_executor(execution, **options)
     x, y = tiny_batch()
     x = x.double()
     noise = torch.randn(3, len(y), module.embed_dim, dtype=torch.float64)
     results = []
     for m in (reference, module):
-        with mock.patch.object(type(m), "manual_backward", lambda self, loss: loss.backward()):
-            losses = m.executor.run(m, x, y, noise, [0, 1, 2])
-        ce, kl = m.head_loss(y, noise[0])
+        batch = DTBatch(x, y, noise, shared_grad_scale=1 / 3)
+        losses = m.executor.run(m.blocks, m.objective, batch, [0, 1, 2], torch.autograd.backward)
+        ce, kl = m.objective.head_losses(y, noise[0])
         (ce + kl).backward()
         m.eval()
         torch.manual_seed(1)
@@ -272,7 +275,7 @@ def test_non_cpu_tensors_are_refused_not_silently_handled():
 
 
 def test_setup_refuses_numba_on_an_accelerator():
-    module = NoPropModule(**TINY, num_blocks=2, diffusion_backend="numba")
+    module = NoPropModule(**TINY, num_blocks=2, execution={"diffusion_backend": "numba"})
     module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
     with pytest.raises(ConfigurationError, match="CPU kernels only.*cuda:0"):
         module.setup("fit")
@@ -285,7 +288,7 @@ def test_real_cuda_tensors_and_gpu_training_are_refused():
     import lightning as L
 
     assert_every_op_refuses("cuda")
-    module = NoPropModule(**TINY, num_blocks=2, diffusion_backend="numba")
+    module = NoPropModule(**TINY, num_blocks=2, execution={"diffusion_backend": "numba"})
     x, y = tiny_batch()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     trainer = L.Trainer(
@@ -307,5 +310,5 @@ def test_unsupported_inputs_raise_clear_errors():
         NUMBA.inference_update(d["uhat"][0].requires_grad_(True), d["u"], *d["coefs"])
     with pytest.raises(ConfigurationError, match="unknown diffusion_backend"):
         build_diffusion_ops("cupy")
-    with pytest.raises(ConfigurationError, match="unknown diffusion_backend"):
-        NoPropModule(**TINY, diffusion_backend="jax")
+    with pytest.raises(ConfigurationError, match="diffusion_backend"):
+        NoPropModule(**TINY, execution={"diffusion_backend": "jax"})

@@ -17,7 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import default_callbacks
 from noprop_lightning.report import PLOTS, ReportError, load_runs, main, report
-from tests.helpers import TINY, tiny_loader, tiny_trainer
+from tests.helpers import TINY, tiny_loader, tiny_network, tiny_trainer
+
+MLP_TINY = {**TINY, "network": tiny_network(encoder="mlp")}
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -37,8 +39,8 @@ def tiny_run(root, name, model, epochs=2):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
     torch.manual_seed(0)
-    noprop = tiny_run(root, "noprop", NoPropModule(**TINY, num_blocks=2, encoder="mlp"))
-    backprop = tiny_run(root, "backprop", BackpropModule(**TINY, num_blocks=2, encoder="mlp"))
+    noprop = tiny_run(root, "noprop", NoPropModule(**MLP_TINY, num_blocks=2))
+    backprop = tiny_run(root, "backprop", BackpropModule(**MLP_TINY, num_blocks=2))
     return SimpleNamespace(root=root, noprop=noprop, backprop=backprop)
 
 

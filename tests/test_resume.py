@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from noprop_lightning import BackpropModule, NoPropModule
+from noprop_lightning.callbacks.checkpoint import RNG_STATE_KEY
 from noprop_lightning.cli import main
 from noprop_lightning.errors import CheckpointMismatchError
-from noprop_lightning.modules.base import RNG_STATE_KEY
-from tests.helpers import TINY, tiny_batch
+from tests.helpers import TINY, tiny_batch, tiny_network
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -37,7 +37,7 @@ def halve_every_epoch(optimizer):
 def make_module(method: str, **overrides):
     """Tiny modules with everything a resume must restore: several optimizers (NoProp: T + 1),
     LR schedulers, dropout and (NoProp) label noise drawn from the global RNG."""
-    kwargs = {**TINY, "num_blocks": 3, "dropout": 0.2, "optimizer": adam}
+    kwargs = {**TINY, "num_blocks": 3, "network": tiny_network(dropout=0.2), "optimizer": adam}
     kwargs["scheduler"] = halve_every_epoch
     if method == "noprop":
         return NoPropModule(**{**kwargs, "embedding": "learned", **overrides})
@@ -212,9 +212,9 @@ def cli_command(ckpt_dir: Path, log: Path, *extra: str) -> list[str]:
         str(QUICKSTART),
         "--model.init_args.num_blocks",
         "2",
-        "--model.init_args.channels",
+        "--model.init_args.network.channels",
         "[4,4,4]",
-        "--model.init_args.hidden",
+        "--model.init_args.network.hidden",
         "16",
         "--data.init_args.batch_size",
         "4",

@@ -4,8 +4,10 @@
 * :class:`PeakMemoryMonitor`: ``memory/*_peak_*_mib`` per epoch (CUDA peak, process RSS).
 * :class:`RunSummary`: a rich table at the end of ``fit`` and ``test``.
 * :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
+* :class:`RNGStateCheckpoint`: the global RNG states in every checkpoint (exact resume).
 """
 
+from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
 from noprop_lightning.callbacks.summary import ModuleDescription, RunSummary, describe_module
@@ -22,8 +24,10 @@ __all__ = [
     "ModuleDescription",
     "PeakMemoryMonitor",
     "ProcessPeakRSS",
+    "RNGStateCheckpoint",
     "RunSummary",
     "TensorBoardHParams",
+    "check_checkpoint_matches",
     "default_callbacks",
     "describe_module",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
@@ -32,7 +33,8 @@ class ModuleDescription:
     Attributes:
         method: Display name: the module's ``method_name`` attribute if it has one, else
             :data:`METHOD_NAMES` of its class, else the class name.
-        execution: The ``execution`` hyper-parameter (NoProp's block execution path), or
+        execution: The ``execution`` hyper-parameter (NoProp's block execution path; its
+            ``mode`` when it is a settings mapping), or
             ``"backprop (<architecture>)"`` for modules with an ``architecture``
             hyper-parameter, or ``"-"``.
         params: Number of parameters (all of them, trainable or not).
@@ -53,6 +55,8 @@ def describe_module(pl_module: L.LightningModule) -> ModuleDescription:
         method = METHOD_NAMES.get(cls_name, cls_name)
     hparams: Any = getattr(pl_module, "hparams", {}) or {}
     execution = hparams.get("execution") if hasattr(hparams, "get") else None
+    if isinstance(execution, Mapping):
+        execution = execution.get("mode")
     architecture = hparams.get("architecture") if hasattr(hparams, "get") else None
     if isinstance(execution, str):
         execution_text = execution

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -87,6 +85,10 @@ class DigitsDataModule(ImageClassificationDataModule):
         """Nothing to download: the data ship with scikit-learn."""
 
     def _load_split(self, split: Split) -> tuple[Tensor, Tensor]:
+        # Imported here: ``import noprop_lightning`` must not pay for scikit-learn.
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))

@@ -1,26 +1,40 @@
-from noprop_lightning.diffusion.continuous import (
+"""The names of ``noprop_lightning.diffusion`` before 0.2, kept so old imports work.
+
+The schedules moved to :mod:`noprop_lightning.schedules` and the Numba backend to
+:mod:`noprop_lightning.objectives.numba_ops` (imported, with :mod:`numba`, only when one of
+its names is asked for).
+"""
+
+from typing import Any
+
+from noprop_lightning.objectives.backends import DIFFUSION_BACKENDS, build_diffusion_ops
+from noprop_lightning.schedules import (
+    CosineSchedule,
+    DiffusionOps,
     LearnableSchedule,
+    TorchDiffusionOps,
     flow_matching_interpolant,
     flow_matching_sample,
     integrate,
 )
-from noprop_lightning.diffusion.ops import (
-    DIFFUSION_BACKENDS,
-    DiffusionOps,
-    NumbaDiffusionOps,
-    TorchDiffusionOps,
-    build_diffusion_ops,
-)
-from noprop_lightning.diffusion.schedule import CosineSchedule
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NumbaDiffusionOps":
+        from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
+
+        return NumbaDiffusionOps
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DIFFUSION_BACKENDS",
+    "CosineSchedule",
     "DiffusionOps",
+    "LearnableSchedule",
     "NumbaDiffusionOps",
     "TorchDiffusionOps",
     "build_diffusion_ops",
-    "CosineSchedule",
-    "LearnableSchedule",
     "flow_matching_interpolant",
     "flow_matching_sample",
     "integrate",

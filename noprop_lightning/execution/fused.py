@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.nets import denoise
-
-if TYPE_CHECKING:
-    from noprop_lightning.modules.noprop import NoPropModule
+from noprop_lightning.execution.base import Backward
+from noprop_lightning.objectives import DTBatch, DTObjective
 
 
 class FusedExecutor:
@@ -27,8 +24,11 @@ class FusedExecutor:
     convolutions and linear layers batched matrix products. BatchNorm in training mode updates
     the stacked running statistics in place; they are copied back into each block afterwards,
     so running means and variances end up exactly as in the sequential path. The noisy inputs
-    of the chunk are sampled and its losses computed with one call each of the module's
-    diffusion backend. One backward per chunk (of the sum of its losses) fills all gradients.
+    of the chunk are made and its losses computed with one call each of the objective
+    (:meth:`~noprop_lightning.objectives.DTObjective.block_inputs`,
+    :meth:`~noprop_lightning.objectives.DTObjective.block_losses`), the same code the
+    sequential path runs. One backward per chunk (of the sum of its losses) fills all
+    gradients.
 
     Memory: the activations of a whole chunk, plus a stacked copy of its parameters and their
     gradients, are alive at once, so peak memory grows with ``chunk_size``; ``chunk_size=1``
@@ -44,6 +44,7 @@ class FusedExecutor:
     """
 
     name = "fused"
+    concurrent_backward = False
 
     def __init__(self, chunk_size: int | None = None) -> None:
         if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
@@ -60,35 +61,33 @@ class FusedExecutor:
 
     def run(
         self,
-        module: NoPropModule,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        noise: torch.Tensor,
+        blocks: Sequence[nn.Module],
+        objective: DTObjective,
+        batch: DTBatch,
         block_ids: Sequence[int],
-        backward: bool = True,
+        backward: Backward | None = None,
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.execution.BlockExecutor.run`."""
         losses = []
         for chunk in self.chunks(block_ids):
             if len(chunk) == 1:
-                chunk_losses = module.block_loss(chunk[0], x, y, noise[chunk[0]]).unsqueeze(0)
+                chunk_losses = objective.block_loss(blocks[chunk[0]], chunk[0], batch).unsqueeze(0)
             else:
-                chunk_losses = self._chunk_losses(module, x, y, noise, chunk)
-            if backward:
-                module.manual_backward(chunk_losses.sum())
+                chunk_losses = self._chunk_losses(blocks, objective, batch, chunk)
+            if backward is not None:
+                backward(chunk_losses.sum())
                 chunk_losses = chunk_losses.detach()
             losses.append(chunk_losses)
         return torch.cat(losses)
 
     def _chunk_losses(
         self,
-        module: NoPropModule,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        noise: torch.Tensor,
+        all_blocks: Sequence[nn.Module],
+        objective: DTObjective,
+        batch: DTBatch,
         chunk: list[int],
     ) -> torch.Tensor:
-        blocks = [module.blocks[t] for t in chunk]
+        blocks = [all_blocks[t] for t in chunk]
         param_names, buffer_names = _check_same_architecture(blocks, chunk)
         params = {
             name: torch.stack([block.get_parameter(name) for block in blocks])
@@ -99,22 +98,21 @@ class FusedExecutor:
             name: torch.stack([block.get_buffer(name) for block in blocks]).detach()
             for name in buffer_names
         }
-        u = module.embedding(y)
-        z = module.sample_noisy_labels(u, chunk, noise[chunk])
+        u, weight = objective.targets(batch.y, batch.shared_grad_scale)
+        z = objective.block_inputs(u, chunk, batch.noise[chunk])
         template = blocks[0]
 
         def block_forward(p, b, images, z_in):
             return functional_call(template, (p, b), (images, z_in))
 
         logits = vmap(block_forward, in_dims=(0, 0, None, 0), randomness="different")(
-            params, buffers, x, z
+            params, buffers, batch.x, z
         )
         with torch.no_grad():
             for name, stacked in buffers.items():
                 for i, block in enumerate(blocks):
                     block.get_buffer(name).copy_(stacked[i])
-        uhat = denoise(logits, module.embedding.weight)
-        return module.weighted_denoising_losses(uhat, u, chunk)
+        return objective.block_losses(logits, u, weight, chunk)
 
 
 def _check_same_architecture(

@@ -7,15 +7,14 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from noprop_lightning.errors import ConfigurationError, NoPropUserError
-from noprop_lightning.execution.base import BlockExecutionError
-
-if TYPE_CHECKING:
-    from noprop_lightning.modules.noprop import NoPropModule
+from noprop_lightning.execution.base import Backward, BlockExecutionError
+from noprop_lightning.objectives import DTBatch, DTObjective
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -25,10 +24,11 @@ class ThreadedExecutor:
 
     Blocks share no parameters and their inputs are data, so their updates are independent
     and can overlap: torch releases the GIL inside operators, so one worker computes while
-    another runs Python. With ``backward=True`` each worker also back-propagates its block's
-    loss (``torch.autograd.backward``, in the worker), so backward passes overlap too; with
-    ``backward=False`` (one backward per step, as DDP needs) the workers only run forwards and
-    the module back-propagates the summed loss.
+    another runs Python. Given a ``backward`` callable, each worker also back-propagates its
+    block's loss with it, so backward passes overlap too (``concurrent_backward``: the
+    callable must be thread-safe, e.g. ``torch.autograd.backward``); without one (one backward
+    per step, as DDP needs) the workers only run forwards and the caller back-propagates the
+    summed loss.
 
     Thread-local state of the calling thread (grad mode, autocast settings) is re-entered in
     each worker, so ``bf16-mixed`` computes the same in workers as in the caller.
@@ -42,10 +42,9 @@ class ThreadedExecutor:
     ``record_stream`` for the caller's stream. Nothing in the per-block path synchronises the
     host (no ``.item()``).
 
-    The worker back-propagates with ``torch.autograd.backward`` rather than Lightning's
-    ``manual_backward``: Lightning's backward hooks (``on_before_backward`` /
-    ``on_after_backward``) are not thread-safe and are not called for block losses. A
-    gradient scaler (``precision="16-mixed"``) is therefore refused.
+    Lightning's ``manual_backward`` is not thread-safe (its backward hooks, its gradient
+    scaler), so :class:`~noprop_lightning.modules.NoPropModule` passes
+    ``torch.autograd.backward`` here and refuses ``precision="16-mixed"``.
 
     On CPU the workers share the cores with torch's intra-op threads; see ``benchmarks/`` for
     measured speed-ups.
@@ -57,6 +56,7 @@ class ThreadedExecutor:
     """
 
     name = "threaded"
+    concurrent_backward = True
 
     def __init__(self, num_threads: int | None = None) -> None:
         if num_threads is not None and (int(num_threads) != num_threads or num_threads < 1):
@@ -108,25 +108,21 @@ class ThreadedExecutor:
 
     def run(
         self,
-        module: NoPropModule,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        noise: torch.Tensor,
+        blocks: Sequence[nn.Module],
+        objective: DTObjective,
+        batch: DTBatch,
         block_ids: Sequence[int],
-        backward: bool = True,
+        backward: Backward | None = None,
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.execution.BlockExecutor.run`.
 
         Raises:
             BlockExecutionError: If a block's update raised in its worker; the message names
                 the block and the original exception is chained.
-            ConfigurationError: If a block raised a user error (the block is named), or if
-                a gradient scaler is active.
+            ConfigurationError: If a block raised a user error (the block is named).
         """
         block_ids = list(block_ids)
-        if backward:
-            _refuse_grad_scaler(module)
-        device = x.device
+        device = batch.x.device
         use_cuda = device.type == "cuda"
         caller_stream = torch.cuda.current_stream(device) if use_cuda else None
         grad_enabled = torch.is_grad_enabled()
@@ -146,9 +142,9 @@ class ThreadedExecutor:
                     stream = self._worker_stream(device)
                     stream.wait_stream(caller_stream)
                     stack.enter_context(torch.cuda.stream(stream))
-                loss = module.block_loss(t, x, y, noise[t])
-                if backward:
-                    torch.autograd.backward(loss)
+                loss = objective.block_loss(blocks[t], t, batch)
+                if backward is not None:
+                    backward(loss)
                     loss = loss.detach()
                 if stream is not None:
                     loss.record_stream(caller_stream)
@@ -161,7 +157,7 @@ class ThreadedExecutor:
             error = future.exception()
             if error is None:
                 continue
-            where = f"block {t + 1} (of {module.num_blocks}) failed in a '{self.name}' worker"
+            where = f"block {t + 1} (of {len(blocks)}) failed in a '{self.name}' worker"
             if isinstance(error, NoPropUserError):
                 raise ConfigurationError(f"{where}: {error}") from error
             raise BlockExecutionError(f"{where}: {type(error).__name__}: {error}") from error
@@ -170,16 +166,3 @@ class ThreadedExecutor:
             for stream in {id(s): s for _, s in results if s is not None}.values():
                 caller_stream.wait_stream(stream)
         return torch.stack([loss for loss, _ in results])
-
-
-def _refuse_grad_scaler(module: NoPropModule) -> None:
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return
-    plugin = getattr(trainer.strategy, "precision_plugin", None)
-    if getattr(plugin, "scaler", None) is not None:
-        raise ConfigurationError(
-            "execution='threaded' back-propagates block losses in worker threads, which "
-            "Lightning's gradient scaler does not support: use precision '32-true' or "
-            "'bf16-mixed', or execution='sequential' / 'fused'"
-        )

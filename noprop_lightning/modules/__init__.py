@@ -4,9 +4,9 @@ from noprop_lightning.modules.continuous import (
     ContinuousNoPropModule,
     NoPropCTModule,
     NoPropFMModule,
-    paper_adam,
 )
 from noprop_lightning.modules.noprop import NoPropModule
+from noprop_lightning.modules.optim import paper_adam, paper_adamw
 
 __all__ = [
     "BackpropModule",
@@ -18,4 +18,5 @@ __all__ = [
     "NoPropModule",
     "PlainCNN",
     "paper_adam",
+    "paper_adamw",
 ]

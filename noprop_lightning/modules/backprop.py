@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.modules.base import ClassifierModule, check_positive_int
+from noprop_lightning.modules import guards
+from noprop_lightning.modules.base import ClassifierModule
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
 from noprop_lightning.nets import (
+    BlockNetwork,
     ClassifierHead,
     LabelEmbedding,
     build_blocks,
     build_encoder,
     denoise,
 )
-from noprop_lightning.nets.encoders import EncoderFactory
-
-ARCHITECTURES = ("chained", "cnn")
+from noprop_lightning.nets.embeddings import EmbeddingKind
+from noprop_lightning.nets.network import HeadInit
+from noprop_lightning.settings import check_choice, check_int
 
 
 class ChainedBlocks(nn.Module):
@@ -42,7 +42,7 @@ class ChainedBlocks(nn.Module):
         blocks: nn.ModuleList,
         embedding: LabelEmbedding,
         num_classes: int,
-        head_init: str = "embedding",
+        head_init: HeadInit = "embedding",
     ) -> None:
         super().__init__()
         self.blocks = blocks
@@ -72,6 +72,9 @@ class PlainCNN(nn.Module):
         return self.classifier(self.encoder(x))
 
 
+Architecture = Literal["chained", "cnn"]
+
+
 class BackpropModule(ClassifierModule):
     """End-to-end backpropagation baseline, trained with cross-entropy.
 
@@ -87,88 +90,81 @@ class BackpropModule(ClassifierModule):
         num_blocks: ``T`` for ``"chained"``.
         embedding: Label embedding kind for ``"chained"``.
         embed_dim: Embedding dimension for ``embedding="learned"``.
-        encoder: Image encoder: ``"conv"``, ``"mlp"`` or a factory.
-        channels: Widths of the conv encoder.
-        hidden: Feature width.
-        dropout: Dropout of the conv encoder.
-        head_init: Initialisation of the classifier on ``z_T`` (``"chained"``):
-            ``"embedding"`` (nearest-embedding reader, default) or ``"default"``
-            (PyTorch's); see :class:`~noprop_lightning.nets.ClassifierHead`.
+        network: Encoder, widths, dropout and (``"chained"``) the head init
+            (:class:`~noprop_lightning.nets.BlockNetwork`).
         optimizer: Optimizer factory (default AdamW, lr 1e-3, weight decay 1e-3).
         scheduler: Optional LR-scheduler factory, stepped per epoch.
     """
 
+    structural_hparams: ClassVar[tuple[str, ...]] = (
+        *guards.SHAPE_NAMES,
+        "architecture",
+        "num_blocks",
+        "embedding",
+        "embed_dim",
+        "network.encoder",
+        "network.channels",
+        "network.hidden",
+    )
+    loss_name: ClassVar[str] = "end-to-end cross-entropy"
+
     def __init__(
         self,
+        *,
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
-        architecture: str = "chained",
+        architecture: Architecture = "chained",
         num_blocks: int = 10,
-        embedding: str = "onehot",
+        embedding: EmbeddingKind = "onehot",
         embed_dim: int | None = None,
-        encoder: str | EncoderFactory = "conv",
-        channels: Sequence[int] = (32, 64, 128),
-        hidden: int = 256,
-        dropout: float = 0.2,
-        head_init: str = "embedding",
+        network: BlockNetwork = BlockNetwork(),
         optimizer: OptimizerCallable = paper_adamw,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(num_classes, in_channels, image_size)
+        super().__init__(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        check_positive_int("num_blocks (T)", num_blocks)
-        check_positive_int("hidden", hidden)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        check_int("num_blocks (T)", num_blocks)
+        check_choice("architecture", architecture, Architecture)
+        network = BlockNetwork.coerce(network)
+        self.record_settings(network=network)
         if architecture == "chained":
             emb = LabelEmbedding(
                 embedding, num_classes, embed_dim, (in_channels, image_size, image_size)
             )
-            blocks = build_blocks(
-                num_blocks, emb, in_channels, image_size, encoder, channels, hidden, dropout
-            )
-            self.net: nn.Module = ChainedBlocks(blocks, emb, num_classes, head_init)
-        elif architecture == "cnn":
-            enc = build_encoder(encoder, in_channels, image_size, hidden, channels, dropout)
-            self.net = PlainCNN(enc, hidden, num_classes)
+            blocks = build_blocks(num_blocks, emb, in_channels, image_size, network)
+            self.net: nn.Module = ChainedBlocks(blocks, emb, num_classes, network.head_init)
         else:
-            raise ConfigurationError(
-                f"architecture must be one of {ARCHITECTURES}, got {architecture!r}"
+            enc = build_encoder(
+                network.encoder,
+                in_channels,
+                image_size,
+                network.hidden,
+                network.channels,
+                network.dropout,
             )
+            self.net = PlainCNN(enc, network.hidden, num_classes)
 
     def setup(self, stage: str) -> None:
         """Initialise prototype embeddings (chained architecture) from training images."""
-        self.init_prototypes_from_data(
-            getattr(self.net, "embedding", None), getattr(self.net, "head", None)
+        guards.init_prototypes_from_data(
+            self._trainer, getattr(self.net, "embedding", None), getattr(self.net, "head", None)
         )
 
-    def configure_optimizers(self) -> Any:
-        """A single optimizer over all parameters (plus the optional scheduler)."""
-        optimizer = self.build_optimizer(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """A single optimizer over all parameters."""
+        return [("the model", list(self.parameters()))]
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)``."""
         return self.net(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy on the final logits, back-propagated end to end."""
-        x, y = batch
-        self._check_batch(x)
-        loss = F.cross_entropy(self.net(x), y)
-        # Lightning steps after this returns, so a NaN never reaches the weights.
-        self.check_finite_losses({"end-to-end cross-entropy": loss}, batch_idx)
-        # sync_dist: under DDP the logged epoch value is the mean over every process's batches.
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=len(y),
-            sync_dist=True,
-        )
-        return loss
+        return {"loss": F.cross_entropy(self.net(x), y)}

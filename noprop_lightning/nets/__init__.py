@@ -6,21 +6,26 @@ from noprop_lightning.nets.blocks import (
     denoise,
 )
 from noprop_lightning.nets.embeddings import LabelEmbedding, class_medoids, resolve_embed_dim
-from noprop_lightning.nets.encoders import ConvEncoder, MLPEncoder, build_encoder
+from noprop_lightning.nets.encoders import ConvEncoder, MLPEncoder, build_encoder, import_encoder
+from noprop_lightning.nets.network import BlockNetwork, NetworkSettings, TimeNetwork
 from noprop_lightning.nets.time_blocks import TimeConditionedBlock, sinusoidal_time_embedding
 
 __all__ = [
+    "BlockNetwork",
     "ClassifierHead",
     "ConvEncoder",
     "DenoisingBlock",
     "LabelEmbedding",
     "MLPEncoder",
+    "NetworkSettings",
     "ResidualLabelPath",
     "TimeConditionedBlock",
+    "TimeNetwork",
     "build_blocks",
     "build_encoder",
     "class_medoids",
     "denoise",
+    "import_encoder",
     "resolve_embed_dim",
     "sinusoidal_time_embedding",
 ]

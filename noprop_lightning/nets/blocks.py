@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.nets.embeddings import LabelEmbedding
 from noprop_lightning.nets.encoders import EncoderFactory, build_encoder
+from noprop_lightning.nets.network import HeadInit, NetworkSettings
+from noprop_lightning.settings import check_choice
 
 
 class ResidualLabelPath(nn.Module):
@@ -102,9 +103,6 @@ class DenoisingBlock(nn.Module):
         return self.fuse(torch.cat([self.image_path(x), self.label_path(z)], dim=1))
 
 
-HEAD_INITS = ("embedding", "default")
-
-
 class ClassifierHead(nn.Linear):
     """The linear classifier ``p(y | z) = softmax(W z + b)`` on a label embedding ``z``.
 
@@ -127,10 +125,9 @@ class ClassifierHead(nn.Linear):
     SCALE = 5.0
 
     def __init__(
-        self, embedding: LabelEmbedding, num_classes: int, init: str = "embedding"
+        self, embedding: LabelEmbedding, num_classes: int, init: HeadInit = "embedding"
     ) -> None:
-        if init not in HEAD_INITS:
-            raise ConfigurationError(f"head_init must be one of {HEAD_INITS}, got {init!r}")
+        check_choice("head_init", init, HeadInit)
         super().__init__(embedding.dim, num_classes)
         self.init_kind = init
         self.reset_from_embedding(embedding)
@@ -159,10 +156,7 @@ def build_blocks(
     embedding: LabelEmbedding,
     in_channels: int,
     image_size: int,
-    encoder: str | EncoderFactory = "conv",
-    channels: Sequence[int] = (32, 64, 128),
-    hidden: int = 256,
-    dropout: float = 0.2,
+    network: NetworkSettings,
 ) -> nn.ModuleList:
     """Build ``num_blocks`` independent :class:`DenoisingBlock` s for ``embedding``."""
     return nn.ModuleList(
@@ -171,10 +165,10 @@ def build_blocks(
             embedding.dim,
             in_channels,
             image_size,
-            encoder,
-            channels,
-            hidden,
-            dropout,
+            network.encoder,
+            network.channels,
+            network.hidden,
+            network.dropout,
             image_shaped_labels=embedding.is_image_shaped,
         )
         for _ in range(num_blocks)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from noprop_lightning.errors import ConfigurationError
 
-EMBEDDING_KINDS = ("onehot", "learned", "prototype")
+EmbeddingKind = Literal["onehot", "learned", "prototype"]
+
+EMBEDDING_KINDS: tuple[str, ...] = get_args(EmbeddingKind)
 
 
-def resolve_embed_dim(kind: str, num_classes: int, embed_dim: int | None, image_numel: int) -> int:
+def resolve_embed_dim(
+    kind: EmbeddingKind, num_classes: int, embed_dim: int | None, image_numel: int
+) -> int:
     """Return the embedding dimension implied by ``kind``, validating ``embed_dim``.
 
     Args:
@@ -96,7 +101,7 @@ class LabelEmbedding(nn.Module):
 
     def __init__(
         self,
-        kind: str,
+        kind: EmbeddingKind,
         num_classes: int,
         dim: int | None = None,
         image_shape: tuple[int, int, int] = (1, 28, 28),

@@ -6,6 +6,7 @@ are plain ``nn.Module`` objects with no Lightning dependency so they can be reus
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -128,9 +129,9 @@ def build_encoder(
     """Build an image encoder by name (``"conv"``, ``"mlp"``) or from a user factory.
 
     Args:
-        encoder: ``"conv"`` (the paper's stack), ``"mlp"``, or a callable
-            ``(in_channels, image_size, out_features) -> nn.Module`` returning a module that
-            maps ``(B, C, H, W)`` to ``(B, out_features)``.
+        encoder: ``"conv"`` (the paper's stack), ``"mlp"``, the import path of a class or
+            factory, or a callable ``(in_channels, image_size, out_features) -> nn.Module``
+            returning a module that maps ``(B, C, H, W)`` to ``(B, out_features)``.
         in_channels: Number of image channels.
         image_size: Height (= width) of the images.
         out_features: Output feature size.
@@ -141,10 +142,36 @@ def build_encoder(
     Returns:
         The encoder module.
     """
-    if callable(encoder):
-        return encoder(in_channels, image_size, out_features)
     if encoder == "conv":
         return ConvEncoder(in_channels, image_size, out_features, channels, dropout, batch_norm)
     if encoder == "mlp":
         return MLPEncoder(in_channels, image_size, out_features, out_features, dropout, batch_norm)
-    raise ConfigurationError(f"unknown encoder {encoder!r}: use 'conv', 'mlp' or a callable")
+    factory = import_encoder(encoder) if isinstance(encoder, str) else encoder
+    if not callable(factory):
+        raise ConfigurationError(
+            f"unknown encoder {encoder!r}: use 'conv', 'mlp', an import path such as "
+            "'my_pkg.MyEncoder', or a callable (in_channels, image_size, out_features) -> Module"
+        )
+    return factory(in_channels, image_size, out_features)
+
+
+def import_encoder(path: str) -> EncoderFactory:
+    """Import the encoder class or factory named by a dotted ``path``.
+
+    Raises:
+        ConfigurationError: If ``path`` is not a dotted name or cannot be imported.
+    """
+    module_name, _, name = path.rpartition(".")
+    if not module_name or "<locals>" in path:
+        raise ConfigurationError(
+            f"unknown encoder {path!r}: use 'conv', 'mlp' or the import path of a class or "
+            "factory defined at module level (e.g. 'my_pkg.MyEncoder'); a lambda or a local "
+            "class cannot be re-imported, so pass it again (network=...) when loading"
+        )
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigurationError(
+            f"the encoder {path!r} cannot be imported ({type(err).__name__}: {err}): check the "
+            "spelling, and that its package is installed or on PYTHONPATH"
+        ) from err

@@ -1,35 +1,25 @@
-"""Interchangeable torch and Numba implementations of NoProp's hot elementwise math.
+"""NoProp-DT's diffusion arithmetic as fused Numba CPU kernels (``diffusion_backend: numba``).
 
-Three operations dominate the diffusion arithmetic of a NoProp-DT step; every backend
-implements all three with the same signature and the same numbers:
-
-- :meth:`~DiffusionOps.sample_marginals`: the noisy block inputs of several steps at once,
-  ``z[j] = signal[j] * u + noise_scale[j] * noise[j]`` with ``signal = sqrt(abar)``,
-  ``noise_scale = sqrt(1 - abar)`` (differentiable in ``u``, so a learned or prototype
-  embedding gets its gradient through the noisy input).
-- :meth:`~DiffusionOps.denoising_losses`: the weighted denoising loss of several blocks,
-  ``loss[j] = weights[j] * mean_b ||uhat[j, b] - u[b]||^2`` (differentiable in ``uhat`` and
-  ``u``).
-- :meth:`~DiffusionOps.inference_update`: ``z_t = a uhat + b z_{t-1} + c eps`` (inference
-  only, no gradient).
-
-``"torch"`` (:class:`TorchDiffusionOps`) composes torch operators and runs on any device.
-``"numba"`` (:class:`NumbaDiffusionOps`) replaces each operation by one fused Numba kernel
-over the whole ``(k, B, d)`` tensor: one pass over memory instead of one per torch operator,
-and no temporaries. The ``parallel=True`` variant runs from :data:`PARALLEL_MIN_ELEMENTS`
-elements on when Numba has more than one thread; smaller tensors use a serial variant of the
-same kernel, where starting threads would cost more than it saves. The two differentiable
-operations are :class:`torch.autograd.Function` s whose backward is the analytic gradient,
-also computed by a Numba kernel, so autograd sees the gradients of the torch composition.
-The Numba backend is CPU-only: given a tensor on any other device it raises
-:class:`~noprop_lightning.errors.ConfigurationError`; it never falls back to torch.
+This module imports :mod:`numba`; the package imports it only when the Numba backend is
+chosen (:func:`~noprop_lightning.objectives.build_diffusion_ops`). It implements the three
+operations of :class:`~noprop_lightning.schedules.DiffusionOps` with the same numbers as the
+torch reference :class:`~noprop_lightning.schedules.TorchDiffusionOps`: each operation is one
+fused kernel over the whole ``(k, B, d)`` tensor (one pass over memory instead of one per
+torch operator, and no temporaries). The ``parallel=True`` variant runs from
+:data:`PARALLEL_MIN_ELEMENTS` elements on when Numba has more than one thread; smaller
+tensors use a serial variant of the same kernel, where starting threads would cost more than
+it saves. The two differentiable operations are :class:`torch.autograd.Function` s whose
+backward is the analytic gradient, also computed by a Numba kernel, so autograd sees the
+gradients of the torch composition. The backend is CPU-only: given a tensor on any other
+device it raises :class:`~noprop_lightning.errors.ConfigurationError`; it never falls back
+to torch.
 """
 
 from __future__ import annotations
 
 import threading
 import types
-from typing import Any, Protocol
+from typing import Any
 
 import numba
 import numpy as np
@@ -38,112 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from noprop_lightning.errors import ConfigurationError
 
-DIFFUSION_BACKENDS = ("torch", "numba")
-
 #: Tensors with at least this many elements use the ``parallel=True`` Numba kernels.
 PARALLEL_MIN_ELEMENTS = 1 << 15
-
-
-class DiffusionOps(Protocol):
-    """The elementwise diffusion math of NoProp-DT (see the module docstring)."""
-
-    name: str
-
-    def sample_marginals(
-        self,
-        u: torch.Tensor,
-        signal: torch.Tensor,
-        noise_scale: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> torch.Tensor:
-        """Noisy labels of ``k`` steps: ``z[j] = signal[j] * u + noise_scale[j] * noise[j]``.
-
-        Args:
-            u: ``(B, d)`` clean label embeddings (may require grad).
-            signal: ``(k,)`` ``sqrt(abar)`` of each step.
-            noise_scale: ``(k,)`` ``sqrt(1 - abar)`` of each step.
-            noise: ``(k, B, d)`` standard normal noise.
-
-        Returns:
-            ``(k, B, d)`` noisy labels.
-        """
-        ...
-
-    def denoising_losses(
-        self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Weighted denoising losses ``weights[j] * mean_b ||uhat[j, b] - u[b]||^2``.
-
-        Args:
-            uhat: ``(k, B, d)`` the blocks' estimates of the clean embedding.
-            u: ``(B, d)`` clean label embeddings.
-            weights: ``(k,)`` loss weights of the blocks.
-
-        Returns:
-            ``(k,)`` losses.
-        """
-        ...
-
-    def inference_update(
-        self,
-        uhat: torch.Tensor,
-        z_prev: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        noise_scale: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One inference step ``a * uhat + b * z_prev + noise_scale * noise``.
-
-        Args:
-            uhat: ``(B, d)`` the block's estimate of the clean embedding.
-            z_prev: ``(B, d)`` the previous state.
-            a: 0-d coefficient of ``uhat``.
-            b: 0-d coefficient of ``z_prev``.
-            noise_scale: 0-d ``sqrt(c)``.
-            noise: ``(B, d)`` standard normal noise, or ``None`` for the deterministic update.
-
-        Returns:
-            ``(B, d)`` the new state.
-        """
-        ...
-
-
-class TorchDiffusionOps:
-    """The diffusion math as torch operators (any device, any dtype, fully differentiable)."""
-
-    name = "torch"
-
-    def sample_marginals(
-        self,
-        u: torch.Tensor,
-        signal: torch.Tensor,
-        noise_scale: torch.Tensor,
-        noise: torch.Tensor,
-    ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.sample_marginals`."""
-        return signal.view(-1, 1, 1) * u + noise_scale.view(-1, 1, 1) * noise
-
-    def denoising_losses(
-        self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.denoising_losses`."""
-        return weights * (uhat - u).pow(2).sum(dim=-1).mean(dim=-1)
-
-    def inference_update(
-        self,
-        uhat: torch.Tensor,
-        z_prev: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        noise_scale: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.inference_update`."""
-        z = a * uhat + b * z_prev
-        if noise is not None:
-            z = z + noise_scale * noise
-        return z
 
 
 # ---------------------------------------------------------------------------- Numba kernels
@@ -466,7 +352,7 @@ class NumbaDiffusionOps:
         noise_scale: torch.Tensor,
         noise: torch.Tensor,
     ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.sample_marginals`."""
+        """See :meth:`~noprop_lightning.schedules.DiffusionOps.sample_marginals`."""
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
         args = (u, _cast(signal, dtype), _cast(noise_scale, dtype), _cast(noise, dtype))
         if not torch.is_grad_enabled():
@@ -477,7 +363,7 @@ class NumbaDiffusionOps:
     def denoising_losses(
         self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.denoising_losses`."""
+        """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`."""
         dtype = _check_inputs("denoising_losses", u, uhat, weights)
         args = (_cast(uhat, dtype), u, _cast(weights, dtype))
         if not torch.is_grad_enabled():
@@ -495,7 +381,7 @@ class NumbaDiffusionOps:
         noise_scale: torch.Tensor,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """See :meth:`DiffusionOps.inference_update` (not differentiable)."""
+        """See :meth:`~noprop_lightning.schedules.DiffusionOps.inference_update` (no grad)."""
         dtype = _check_inputs("inference_update", z_prev, uhat, noise)
         if torch.is_grad_enabled() and (uhat.requires_grad or z_prev.requires_grad):
             raise ConfigurationError(
@@ -528,18 +414,3 @@ def _refuse_grad(op: str, **tensors: torch.Tensor) -> None:
             f"the numba {op} differentiates only w.r.t. the embeddings, but "
             f"{', '.join(names)} require grad; use diffusion_backend='torch'"
         )
-
-
-def build_diffusion_ops(name: str) -> DiffusionOps:
-    """Return the diffusion-math backend called ``name`` (``"torch"`` or ``"numba"``).
-
-    Raises:
-        ConfigurationError: If ``name`` is unknown.
-    """
-    if name == "torch":
-        return TorchDiffusionOps()
-    if name == "numba":
-        return NumbaDiffusionOps()
-    raise ConfigurationError(
-        f"unknown diffusion_backend {name!r}: choose one of {', '.join(DIFFUSION_BACKENDS)}"
-    )

@@ -23,8 +23,7 @@ grid is uniform in ``t`` (so the learned schedule decides the spacing in ``sigma
 perfect predictor (``uhat = u_y``) the velocity is constant along the path, so both samplers
 land exactly on ``sqrt(abar(1)) u_y + sqrt(1 - abar(1)) eps_0`` for any number of steps.
 
-NoProp-FM uses the straight path ``z_t = t z_1 + (1 - t) z_0`` (plus ``sigma`` noise) and
-integrates ``dz/dt = v(z, x, t)`` from ``t = 0`` to ``1`` (:func:`flow_matching_sample`).
+NoProp-FM's straight path lives in :mod:`noprop_lightning.schedules.flow`.
 """
 
 from __future__ import annotations
@@ -37,101 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop_lightning.errors import ConfigurationError
-
-SAMPLERS = ("euler", "heun")
-
-#: ``velocity(state, i)``: the time derivative of the state at grid point ``i``.
-Velocity = Callable[[torch.Tensor, int], torch.Tensor]
+from noprop_lightning.schedules.integrate import Sampler, check_sampler, integrate
 
 
 def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
-
-
-def check_sampler(sampler: str, steps: int) -> None:
-    """Raise :class:`ConfigurationError` unless ``sampler`` and ``steps`` are usable."""
-    if sampler not in SAMPLERS:
-        raise ConfigurationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if int(steps) != steps or steps < 1:
-        raise ConfigurationError(
-            f"the number of sampler steps must be an integer >= 1, got {steps!r}"
-        )
-
-
-def integrate(
-    velocity: Velocity, state: torch.Tensor, grid: torch.Tensor, sampler: str
-) -> torch.Tensor:
-    r"""Integrate ``d state / d g = velocity(state, i)`` over the points of ``grid``.
-
-    With ``h_i = g_{i+1} - g_i`` (the grid may decrease):
-
-    - Euler: :math:`s_{i+1} = s_i + h_i f(s_i, i)`;
-    - Heun: :math:`\tilde s = s_i + h_i f(s_i, i)`,
-      :math:`s_{i+1} = s_i + \tfrac{h_i}{2}(f(s_i, i) + f(\tilde s, i + 1))`.
-
-    Heun evaluates the velocity twice per step (``2 N`` evaluations for ``N`` steps), Euler
-    once. The velocity receives the grid *index* so callers can look up anything they
-    tabulated on the grid (times, schedule coefficients).
-
-    Args:
-        velocity: ``f(state, i)``, the derivative at grid point ``i``.
-        state: The initial state at ``grid[0]``.
-        grid: ``(N + 1,)`` values of the integration variable, ``N >= 1``.
-        sampler: ``"euler"`` or ``"heun"``.
-
-    Returns:
-        The state at ``grid[-1]``.
-    """
-    check_sampler(sampler, max(len(grid) - 1, 0))
-    for i in range(len(grid) - 1):
-        h = grid[i + 1] - grid[i]
-        k1 = velocity(state, i)
-        if sampler == "euler":
-            state = state + h * k1
-        else:
-            k2 = velocity(state + h * k1, i + 1)
-            state = state + 0.5 * h * (k1 + k2)
-    return state
-
-
-def flow_matching_sample(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    z0: torch.Tensor,
-    steps: int,
-    sampler: str = "euler",
-) -> torch.Tensor:
-    """Integrate the flow-matching ODE ``dz/dt = v(z, t)`` from ``t = 0`` to ``t = 1``.
-
-    Args:
-        velocity: ``v(z, t)`` with ``t`` a 0-d tensor.
-        z0: ``(B, d)`` starting points (``z_0``).
-        steps: Number of steps ``N`` on the uniform grid ``t_i = i / N``.
-        sampler: ``"euler"`` or ``"heun"``.
-
-    Returns:
-        ``(B, d)``, the state at ``t = 1``.
-    """
-    check_sampler(sampler, steps)
-    times = torch.linspace(0.0, 1.0, steps + 1, device=z0.device)
-    return integrate(lambda z, i: velocity(z, times[i]), z0, times, sampler)
-
-
-def flow_matching_interpolant(
-    z1: torch.Tensor, z0: torch.Tensor, t: torch.Tensor, sigma: float, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FM training pair: ``z_t = t z_1 + (1 - t) z_0 + sigma * noise`` and ``z_1 - z_0``.
-
-    Args:
-        z1: ``(B, d)`` clean label embeddings ``u_y``.
-        z0: ``(B, d)`` standard normal starting points.
-        t: ``(B, 1)`` times in ``[0, 1]``.
-        sigma: Standard deviation of the extra Gaussian noise around the straight path.
-        noise: ``(B, d)`` standard normal noise.
-
-    Returns:
-        ``(z_t, target_velocity)``.
-    """
-    return t * z1 + (1 - t) * z0 + sigma * noise, z1 - z0
 
 
 class LearnableSchedule(nn.Module):
@@ -250,9 +159,7 @@ class LearnableSchedule(nn.Module):
         gamma = self.gamma(t)
         return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
-    def sample_marginal(
-        self, u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-    ) -> torch.Tensor:
+    def add_noise(self, u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw ``z_t = sqrt(abar(t)) u + sqrt(1 - abar(t)) noise``.
 
         Args:
@@ -262,6 +169,9 @@ class LearnableSchedule(nn.Module):
         """
         mean, std = self.marginal_coefficients(t.reshape(-1, 1) if t.dim() else t)
         return mean * u + std * noise
+
+    #: The name of :meth:`add_noise` before 0.2.
+    sample_marginal = add_noise
 
     def kl_prior(self, u: torch.Tensor) -> torch.Tensor:
         r"""``KL(q(z_0 | y) || N(0, I))`` averaged over the batch ``u`` ``(B, d)``.
@@ -281,7 +191,7 @@ class LearnableSchedule(nn.Module):
         denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         z0: torch.Tensor,
         steps: int,
-        sampler: str = "euler",
+        sampler: Sampler = "euler",
     ) -> torch.Tensor:
         """Integrate the probability-flow ODE from ``t = 0`` to ``t = 1``.
 

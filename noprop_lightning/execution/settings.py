@@ -1,0 +1,57 @@
+"""The runtime settings of NoProp-DT training: how the block updates run, on which backend.
+
+None of them changes the model: a checkpoint trained one way can be resumed, validated or
+tested another way (``--model.init_args.execution.mode fused`` on resume, say).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.objectives import DiffusionBackend
+from noprop_lightning.settings import Settings, check_choice, check_optional_int
+
+ExecutionMode = Literal["sequential", "threaded", "fused"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionSettings(Settings):
+    """How the T block updates of a training step run, and the diffusion arithmetic's backend.
+
+    Every path gives the same losses, gradients and parameters (tested); they differ in
+    speed and memory. See :mod:`noprop_lightning.execution`.
+
+    Attributes:
+        mode: ``"sequential"`` (one block at a time; lowest memory), ``"threaded"`` (a
+            thread pool; one CUDA stream per worker) or ``"fused"`` (chunks of blocks
+            vectorised with ``torch.func.vmap``).
+        num_threads: Worker threads of ``"threaded"`` (``None``: one per CPU core, at most
+            one per block).
+        chunk_size: Blocks per vectorised chunk of ``"fused"`` (``None``: all blocks).
+        diffusion_backend: ``"torch"`` or ``"numba"`` (fused CPU kernels) for the noisy-label
+            sampling, the weighted denoising losses and the inference update.
+    """
+
+    mode: ExecutionMode = "sequential"
+    num_threads: int | None = None
+    chunk_size: int | None = None
+    diffusion_backend: DiffusionBackend = "torch"
+
+    def __post_init__(self) -> None:
+        check_choice("execution.mode", self.mode, ExecutionMode)
+        check_choice("execution.diffusion_backend", self.diffusion_backend, DiffusionBackend)
+        threads = check_optional_int("execution.num_threads", self.num_threads)
+        chunk = check_optional_int("execution.chunk_size", self.chunk_size)
+        if threads is not None and self.mode != "threaded":
+            raise ConfigurationError(
+                f"execution.num_threads={threads} only applies to mode 'threaded', not "
+                f"{self.mode!r}"
+            )
+        if chunk is not None and self.mode != "fused":
+            raise ConfigurationError(
+                f"execution.chunk_size={chunk} only applies to mode 'fused', not {self.mode!r}"
+            )
+        object.__setattr__(self, "num_threads", threads)
+        object.__setattr__(self, "chunk_size", chunk)

@@ -1,0 +1,156 @@
+"""Checks that turn bad input and diverging training into one clear paragraph.
+
+Each takes only what it checks (a trainer, some sizes, a batch), so every module of the
+package calls the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+
+from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
+from noprop_lightning.nets import ClassifierHead, LabelEmbedding
+
+#: The sizes a model and its data must agree on (the CLI links them from the data module).
+SHAPE_NAMES = ("num_classes", "in_channels", "image_size")
+
+
+def check_images(x: torch.Tensor, in_channels: int, image_size: int) -> None:
+    """Raise :class:`ConfigurationError` unless ``x`` is ``(B, in_channels, size, size)``."""
+    expected = (in_channels, image_size, image_size)
+    if tuple(x.shape[1:]) != expected:
+        raise ConfigurationError(
+            f"the model expects images of shape {expected} but the data gives "
+            f"{tuple(x.shape[1:])}: check that the data module and model agree"
+        )
+
+
+def check_labels(batch: Any, num_classes: int) -> None:
+    """Check that the labels of an ``(x, y)`` batch lie in ``[0, num_classes)``.
+
+    Only labels still on the CPU are checked (on an accelerator it would cost a device sync
+    per batch). An out-of-range label would otherwise surface as an index error deep in the
+    loss, or as a device-side assert that kills the CUDA context.
+
+    Raises:
+        ConfigurationError: Naming the bad label and the model's ``num_classes``.
+    """
+    if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+        return
+    labels = batch[1]
+    if not (
+        isinstance(labels, torch.Tensor)
+        and labels.device.type == "cpu"
+        and labels.numel() > 0
+        and not labels.is_floating_point()
+    ):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ConfigurationError(
+            f"a batch holds the label {bad}, but the model has num_classes={num_classes} "
+            f"(labels must lie in 0..{num_classes - 1}): the data and the model disagree on "
+            "the number of classes. Build the model with the data's num_classes, or fix the "
+            "labels."
+        )
+
+
+def check_datamodule_matches(trainer: L.Trainer | None, model_values: Mapping[str, int]) -> None:
+    """Compare the model's ``num_classes`` / ``in_channels`` / ``image_size`` with the data's.
+
+    Raises:
+        ConfigurationError: If the attached data module declares other values.
+    """
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None:
+        return
+    diffs = []
+    for name, ours in model_values.items():
+        theirs = getattr(datamodule, name, None)
+        if isinstance(theirs, int) and theirs != ours:
+            diffs.append(f"{name}={theirs} in the data but {name}={ours} in the model")
+    if diffs:
+        raise ConfigurationError(
+            f"the data module {type(datamodule).__name__} does not match the model: "
+            f"{'; '.join(diffs)}. Build the model with the data module's values (the "
+            "command line links them from the data automatically; do not set them by hand)."
+        )
+
+
+def check_finite_losses(
+    trainer: L.Trainer | None, losses: Mapping[str, torch.Tensor], where: str
+) -> None:
+    """Stop training if any loss is NaN or infinite (on any process).
+
+    Call it after the losses (and backward) but *before* the optimizer steps, so the
+    weights are still those of the last good step and no checkpoint is overwritten.
+
+    Args:
+        trainer: The trainer (its strategy makes every process stop together), or ``None``.
+        losses: Scalar losses by a human-readable name, e.g. ``{"block 3": loss}``.
+        where: The step, for the message (e.g. ``"global step 12 (epoch 0, batch 3)"``).
+
+    Raises:
+        TrainingDivergedError: Naming the step and the offending losses.
+    """
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    finite_here = bool(torch.isfinite(values).all())
+    finite = finite_here
+    if trainer is not None:
+        # Every process must stop together, or DDP would hang on the next collective.
+        finite = trainer.strategy.reduce_boolean_decision(finite_here, all=True)
+    if finite:
+        return
+    if finite_here:
+        culprits = "a loss on another process (this process's losses are finite)"
+    else:
+        culprits = ", ".join(
+            f"{name} = {value.item()}"
+            for name, value in zip(losses, values, strict=True)
+            if not torch.isfinite(value)
+        )
+    last = ""
+    if trainer is not None and trainer.checkpoint_callback is not None:
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    kept = (
+        f"The last checkpoint, {last}, was written before this step and is intact: resume "
+        "from it with --ckpt_path once the cause is fixed."
+        if last
+        else "No checkpoint had been written yet."
+    )
+    raise TrainingDivergedError(
+        f"non-finite training loss at {where}: {culprits}. Training stopped before the "
+        f"optimizer steps of this batch. {kept} Typical causes: a learning rate too high for "
+        "this model, NaN/inf values in the data, or too low a precision."
+    )
+
+
+def init_prototypes_from_data(
+    trainer: L.Trainer | None, embedding: LabelEmbedding | None, head: ClassifierHead | None = None
+) -> None:
+    """Initialise a prototype embedding from the attached data module, once.
+
+    Does nothing for other embedding kinds or when the prototypes were already set (for
+    example restored from a checkpoint). ``head`` (the classifier that reads this embedding)
+    is re-initialised from the new prototypes.
+
+    Raises:
+        ConfigurationError: If prototypes are needed but no data module provides images.
+    """
+    if embedding is None or embedding.kind != "prototype" or bool(embedding.initialised):
+        return
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None or not hasattr(datamodule, "class_examples"):
+        raise ConfigurationError(
+            "embedding='prototype' needs training images to initialise the prototypes: fit "
+            "with a data module that has class_examples(), or call "
+            "embedding.init_prototypes(images, labels) before training"
+        )
+    embedding.init_prototypes(*datamodule.class_examples())
+    if head is not None:
+        head.reset_from_embedding(embedding)

@@ -1,0 +1,288 @@
+"""The NoProp-DT objective in plain torch: noisy block inputs, losses and the inference chain.
+
+No Lightning here. :class:`DTObjective` owns what the blocks share (the label embedding, the
+classifier head and the cosine schedule) and offers exactly what training and inference
+need; the blocks themselves are passed in, so the same objective serves one process with all
+blocks, an executor that vectorises them, and a process that owns only some of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noprop_lightning.nets import ClassifierHead, LabelEmbedding, denoise
+from noprop_lightning.objectives.backends import DiffusionBackend, build_diffusion_ops
+from noprop_lightning.schedules import CosineSchedule
+from noprop_lightning.schedules.cosine import select
+from noprop_lightning.settings import Settings, check_number
+
+
+@dataclasses.dataclass(frozen=True)
+class DTSettings(Settings):
+    """Hyper-parameters of the NoProp-DT objective.
+
+    Attributes:
+        eta: Weight ``eta`` of the denoising loss (paper: 0.1), > 0.
+        snr_min: ``SNR(0)`` of the cosine schedule (``z_0`` nearly pure noise), > 0.
+        snr_max: ``SNR(T)``, the bound that keeps the last block's loss weight finite; a
+            real hyper-parameter (the paper only says "fixed cosine").
+    """
+
+    eta: float = 0.1
+    snr_min: float = 1e-3
+    snr_max: float = 100.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eta", check_number("objective.eta", self.eta, above=0.0))
+        snr_min = check_number("objective.snr_min", self.snr_min, above=0.0)
+        snr_max = check_number("objective.snr_max", self.snr_max, above=snr_min)
+        object.__setattr__(self, "snr_min", snr_min)
+        object.__setattr__(self, "snr_max", snr_max)
+
+
+class DTBatch(NamedTuple):
+    """One training batch as the blocks see it.
+
+    Attributes:
+        x: ``(B, C, H, W)`` images.
+        y: ``(B,)`` labels.
+        noise: ``(T, B, d)`` standard normal noise; row ``t`` makes block ``t``'s input.
+        shared_grad_scale: The fraction of each block loss's gradient that reaches the shared
+            embedding: ``1 / k`` when ``k`` blocks are updated on this batch, so the
+            embedding sees the *mean* of their losses (the paper's ``E_t``) while each block
+            sees its own loss in full.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    noise: torch.Tensor
+    shared_grad_scale: float = 1.0
+
+
+def scale_grad(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """``tensor`` unchanged in value, with its gradient multiplied by ``scale`` on the way back.
+
+    ``t.detach() + s * (t - t.detach())``: the difference is exactly zero, so the value is
+    bit-identical to ``t``; its derivative is ``s``.
+    """
+    if scale == 1.0 or not tensor.requires_grad:
+        return tensor
+    frozen = tensor.detach()
+    return frozen + scale * (tensor - frozen)
+
+
+class DTObjective(nn.Module):
+    r"""The NoProp-DT objective (Li, Teh & Pascanu, 2025) over ``T`` blocks.
+
+    Training, for a batch ``(x, y)`` and each updated block ``t`` (0-based here; the paper's
+    block ``t + 1``):
+
+    - input ``z_t ~ q(z_t | y)`` from the fixed forward process (:meth:`block_inputs`), not
+      from block ``t - 1``;
+    - prediction ``uhat = softmax(block_t(x, z_t)) @ W_embed``;
+    - loss ``(T/2) * eta * (SNR(t+1) - SNR(t)) * mean_b ||uhat - u_y||^2`` (:meth:`block_losses`),
+      which touches only block ``t`` and the shared embedding;
+    - shared terms ``CE(head(z_T), y) + KL(q(z_0|y) || N(0, I))`` with ``z_T ~ q(z_T|y)``
+      (:meth:`head_losses`), which touch only the head and the embedding.
+
+    The embedding receives ``1/k`` of each of the ``k`` updated blocks' gradients
+    (:attr:`DTBatch.shared_grad_scale`): the paper's denoising term is an expectation over
+    ``t``, so the shared parameters see ``CE + KL + mean_t L_t``, not ``sum_t L_t`` (``T``
+    times the paper's weight, which shrinks learned embeddings).
+
+    Inference (:meth:`sample`, :meth:`classify`) never sees labels: ``z_0 ~ N(0, I)`` (or
+    ``0``) is denoised block by block with :meth:`CosineSchedule.step` and the head reads
+    ``z_T``.
+
+    Args:
+        embedding: The label embedding ``W_embed``.
+        head: The classifier on ``z_T``.
+        num_blocks: ``T``.
+        settings: ``eta`` and the schedule's SNR bounds.
+        diffusion_backend: ``"torch"`` or ``"numba"`` for the schedule's arithmetic.
+    """
+
+    def __init__(
+        self,
+        *,
+        embedding: LabelEmbedding,
+        head: ClassifierHead,
+        num_blocks: int,
+        settings: DTSettings | None = None,
+        diffusion_backend: DiffusionBackend = "torch",
+    ) -> None:
+        super().__init__()
+        settings = DTSettings.coerce(settings)
+        self.embedding = embedding
+        self.head = head
+        self.schedule = CosineSchedule(num_blocks, settings.snr_min, settings.snr_max)
+        self.eta = settings.eta
+        self.register_buffer(
+            "block_weights", self.schedule.loss_weights(self.eta), persistent=False
+        )
+        self.use_backend(diffusion_backend)
+
+    @property
+    def num_blocks(self) -> int:
+        """``T``."""
+        return self.schedule.num_steps
+
+    @property
+    def embed_dim(self) -> int:
+        """The label embedding dimension ``d``."""
+        return self.embedding.dim
+
+    @property
+    def backend(self) -> str:
+        """The name of the arithmetic backend of the schedule (``"torch"`` or ``"numba"``)."""
+        return self.schedule.ops.name
+
+    def use_backend(self, name: DiffusionBackend) -> None:
+        """Run the schedule's arithmetic on backend ``name`` (results are the same)."""
+        self.schedule.ops = build_diffusion_ops(name)
+
+    # ------------------------------------------------------------------ training
+    def draw_noise(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standard normal noise for all block inputs ``(T, B, d)`` and for ``z_T`` ``(B, d)``."""
+        shape = (self.num_blocks, batch_size, self.embed_dim)
+        block_noise = torch.randn(shape, device=device, generator=generator)
+        return block_noise, torch.randn(shape[1:], device=device, generator=generator)
+
+    def targets(
+        self, y: torch.Tensor, shared_grad_scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u_y, W_embed)`` as the block losses use them.
+
+        Args:
+            y: ``(B,)`` labels.
+            shared_grad_scale: Factor on the gradient these tensors pass to the embedding.
+
+        Returns:
+            ``(B, d)`` clean label embeddings and the ``(K, d)`` embedding matrix.
+        """
+        weight = scale_grad(self.embedding.weight, shared_grad_scale)
+        return weight[y], weight
+
+    def block_inputs(
+        self, u: torch.Tensor, block_ids: Sequence[int], noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The noisy inputs ``z_t ~ q(z_t | y)`` of blocks ``block_ids`` (block t reads z_t).
+
+        Args:
+            u: ``(B, d)`` clean label embeddings from :meth:`targets`.
+            block_ids: 0-based block indices.
+            noise: ``(len(block_ids), B, d)`` standard normal noise.
+
+        Returns:
+            ``(len(block_ids), B, d)``.
+        """
+        return self.schedule.add_noise(u, block_ids, noise)
+
+    def block_losses(
+        self,
+        logits: torch.Tensor,
+        u: torch.Tensor,
+        weight: torch.Tensor,
+        block_ids: Sequence[int],
+    ) -> torch.Tensor:
+        """The weighted denoising losses of blocks ``block_ids`` from their logits.
+
+        Args:
+            logits: ``(len(block_ids), B, K)`` block outputs.
+            u: ``(B, d)`` and ``weight`` ``(K, d)``: from :meth:`targets`.
+            weight: See ``u``.
+            block_ids: 0-based block indices.
+
+        Returns:
+            ``(len(block_ids),)`` losses ``w_t * mean_b ||softmax(logits) @ W - u||^2``.
+        """
+        uhat = denoise(logits, weight)
+        return self.schedule.ops.denoising_losses(uhat, u, select(self.block_weights, block_ids))
+
+    def block_loss(self, block: nn.Module, t: int, batch: DTBatch) -> torch.Tensor:
+        """Block ``t``'s weighted denoising loss on ``batch``: inputs, forward, loss.
+
+        Every call builds its own graph from the embedding, so several threads may
+        back-propagate block losses at the same time.
+        """
+        u, weight = self.targets(batch.y, batch.shared_grad_scale)
+        z = self.block_inputs(u, [t], batch.noise[t].unsqueeze(0))[0]
+        return self.block_losses(block(batch.x, z).unsqueeze(0), u, weight, [t])[0]
+
+    def head_losses(
+        self, y: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the head on ``z_T ~ q(z_T | y)`` and the KL prior term.
+
+        Args:
+            y: ``(B,)`` labels.
+            noise: ``(B, d)`` standard normal noise for ``z_T``.
+
+        Returns:
+            ``(ce, kl)`` scalars.
+        """
+        u = self.embedding(y)
+        z_final = self.schedule.sample_marginal(u, self.num_blocks, noise)
+        ce = F.cross_entropy(self.head(z_final), y)
+        return ce, self.schedule.kl_prior(u)
+
+    # ------------------------------------------------------------------ inference
+    def start_state(
+        self,
+        batch_size: int,
+        device: torch.device | None = None,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``z_0``: ``N(0, I)`` draws, or ``0`` (the prior's mean) when ``deterministic``."""
+        shape = (batch_size, self.embed_dim)
+        if deterministic:
+            return torch.zeros(shape, device=device)
+        return torch.randn(shape, device=device, generator=generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        blocks: Sequence[nn.Module],
+        x: torch.Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise ``z_0`` through all blocks: ``z_t = a_t uhat_t + b_t z_{t-1} + sqrt(c_t) eps``.
+
+        Args:
+            blocks: The ``T`` blocks, in order.
+            x: ``(B, C, H, W)`` images.
+            deterministic: ``z_0 = 0`` and ``eps = 0`` (predictions are a function of the
+                weights alone) instead of the paper's stochastic chain.
+            generator: Source of ``z_0`` and ``eps`` (default: the global torch RNG).
+
+        Returns:
+            ``z_T``, shape ``(B, d)``.
+        """
+        z = self.start_state(x.shape[0], x.device, deterministic, generator)
+        weight = self.embedding.weight
+        for t, block in enumerate(blocks, start=1):
+            uhat = denoise(block(x, z), weight)
+            eps = (
+                None
+                if deterministic
+                else torch.randn(z.shape, device=z.device, generator=generator)
+            )
+            z = self.schedule.step(t, uhat, z, eps)
+        return z
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, K)`` from the final state ``z_T``."""
+        return self.head(z)
