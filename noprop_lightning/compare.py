@@ -33,7 +33,7 @@ from pathlib import Path
 from rich.console import Console
 
 from noprop_lightning.errors import ConfigurationError, NoPropUserError, exit_status
-from noprop_lightning.report import ReportResult, report
+from noprop_lightning.report import ReportResult, report, verdict
 
 SIZES = {"paper": "", "small": "_small"}
 #: The code each run executes: the package's LightningCLI entry point.
@@ -214,52 +214,6 @@ def _run_in_process(args: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
-
-
-def _ratio_text(name_a: str, a: float, name_b: str, b: float, lower_is_better: str) -> str:
-    if a <= 0 or b <= 0:
-        return ""
-    if max(a, b) / min(a, b) < 1.02:
-        return "about the same"
-    if a < b:
-        return f"{name_a} {b / a:.2f}x {lower_is_better}"
-    return f"{name_b} {a / b:.2f}x {lower_is_better}"
-
-
-def verdict(result: ReportResult) -> list[str]:
-    """Plain-language lines comparing the two runs of :func:`compare` (NoProp first)."""
-    (a, b) = result.runs[:2]
-    sa, sb = a.summary(), b.summary()
-    lines = []
-    metric, key = (
-        ("test", "test_acc") if sa["test_acc"] is not None else ("best val", "best_val_acc")
-    )
-    if sa[key] is not None and sb[key] is not None:
-        diff = 100 * (sa[key] - sb[key])
-        leader = a.label if diff > 0 else b.label
-        gap = "tie" if abs(diff) < 0.005 else f"{leader} +{abs(diff):.2f} points"
-        lines.append(
-            f"Accuracy ({metric}): {a.label} {100 * sa[key]:.2f}% vs {b.label} "
-            f"{100 * sb[key]:.2f}% -> {gap}"
-        )
-    if sa["mean_epoch_s"] and sb["mean_epoch_s"]:
-        lines.append(
-            f"Training epoch time: {a.label} {sa['mean_epoch_s']:.1f} s vs {b.label} "
-            f"{sb['mean_epoch_s']:.1f} s -> "
-            + _ratio_text(a.label, sa["mean_epoch_s"], b.label, sb["mean_epoch_s"], "faster")
-        )
-    if sa["peak_memory_mib"] and sb["peak_memory_mib"]:
-        lines.append(
-            f"Peak training memory ({sa['peak_memory_kind']}): {a.label} "
-            f"{sa['peak_memory_mib']:,.0f} MiB vs {b.label} {sb['peak_memory_mib']:,.0f} MiB -> "
-            + _ratio_text(a.label, sa["peak_memory_mib"], b.label, sb["peak_memory_mib"], "leaner")
-        )
-    epochs = {sa["epochs"], sb["epochs"]}
-    lines.append(
-        f"Budget: {', '.join(str(e) for e in sorted(epochs))} epoch(s) each. A small budget "
-        "answers 'which is faster and leaner'; accuracy needs the full budget to settle."
-    )
-    return lines
 
 
 def compare(argv: Sequence[str] | None = None, console: Console | None = None) -> ReportResult:

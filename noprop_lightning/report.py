@@ -19,205 +19,30 @@ and parameter count come from the HPARAMS summaries written by
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
-from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from noprop_lightning.callbacks.summary import format_value
-from noprop_lightning.errors import NoPropUserError, exit_status
+from noprop_lightning.errors import exit_status
+from noprop_lightning.plots import PLOTS, PlotSpec, plot_runs
+from noprop_lightning.runs import ReportError, Run, load_runs, short_path
 
-EVENT_GLOB = "events.out.tfevents.*"
-
-
-class ReportError(NoPropUserError):
-    """Raised when run folders are missing, hold no event files, or hold no scalars."""
-
-
-@dataclass
-class Run:
-    """One finished run read from its event files.
-
-    Attributes:
-        path: The folder that holds the event files.
-        scalars: ``tag -> [(step, value), ...]`` sorted by step (the last value logged at a
-            step wins, e.g. after a resume).
-        hparams: Hyper-parameters from the HPARAMS summaries (empty if there are none).
-        label: Name of the run in tables and legends (set by :func:`load_runs`).
-    """
-
-    path: Path
-    scalars: dict[str, list[tuple[int, float]]]
-    hparams: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-
-    def values(self, tag: str) -> list[float]:
-        """The values of ``tag`` in step order (empty if the tag was never logged)."""
-        return [v for _, v in self.scalars.get(tag, [])]
-
-    def last(self, tag: str) -> float | None:
-        """The last value of ``tag``, or ``None``."""
-        values = self.values(tag)
-        return values[-1] if values else None
-
-    def by_epoch(self, tag: str) -> tuple[list[float], list[float]]:
-        """``(epochs, values)`` of ``tag``; epochs count from 1 (the end of epoch 1 is 1).
-
-        Each value is placed at the ``epoch`` scalar Lightning logs with every step, so
-        validation runs inside an epoch land on that epoch; steps without an ``epoch``
-        value are numbered in order.
-        """
-        epoch_at = dict(self.scalars.get("epoch", []))
-        xs, ys = [], []
-        for i, (step, value) in enumerate(self.scalars.get(tag, [])):
-            xs.append(epoch_at[step] + 1 if step in epoch_at else float(i + 1))
-            ys.append(value)
-        return xs, ys
-
-    def summary(self) -> dict[str, Any]:
-        """The numbers of the comparison table (missing values are ``None``)."""
-        val_acc = self.values("val/acc")
-        times = self.values("time/train_epoch_s")
-        rates = dict(self.scalars.get("throughput/train_samples_per_s", []))
-        timed = [(t, rates[s]) for s, t in self.scalars.get("time/train_epoch_s", []) if s in rates]
-        total_time = sum(t for t, _ in timed)
-        val_times = self.values("time/val_epoch_s")
-        memory_tag, memory_kind = self.memory_tag()
-        memory = self.values(memory_tag) if memory_tag else []
-        epochs = len(times) or len(self.values(loss_tag(self)))
-        return {
-            "method": str(self.hparams.get("method", "?")),
-            "execution": str(self.hparams.get("execution", "-")),
-            "params": self.hparams.get("params"),
-            "epochs": epochs,
-            "best_val_acc": max(val_acc) if val_acc else None,
-            "final_val_acc": val_acc[-1] if val_acc else None,
-            "test_acc": self.last("test/acc"),
-            "mean_epoch_s": fmean(times) if times else None,
-            "mean_val_s": fmean(val_times) if val_times else None,
-            # All samples over all time (per-epoch rate x time = samples of that epoch).
-            "mean_samples_per_s": (
-                sum(t * r for t, r in timed) / total_time if total_time > 0 else None
-            ),
-            "peak_memory_mib": max(memory) if memory else None,
-            "peak_memory_kind": memory_kind,
-        }
-
-    def memory_tag(self) -> tuple[str | None, str | None]:
-        """The peak-memory tag to report: CUDA allocated if logged, else process RSS."""
-        for tag, kind in (
-            ("memory/train_peak_allocated_mib", "CUDA allocated"),
-            ("memory/train_peak_rss_mib", "process RSS"),
-        ):
-            if tag in self.scalars:
-                return tag, kind
-        return None, None
-
-
-def loss_tag(run: Run) -> str:
-    """The epoch-level training-loss tag of a run (``train/loss_epoch`` or ``train/loss``)."""
-    return "train/loss_epoch" if "train/loss_epoch" in run.scalars else "train/loss"
-
-
-# ---------------------------------------------------------------------- reading
-def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
-    """Every folder at or below ``paths`` that holds TensorBoard event files.
-
-    Raises:
-        ReportError: If a path does not exist or holds no event files.
-    """
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise ReportError(f"run folder {str(path)!r} does not exist")
-        if path.is_file():
-            raise ReportError(
-                f"{str(path)!r} is a file: pass the folder that holds the event files"
-            )
-        dirs = sorted({f.parent for f in path.rglob(EVENT_GLOB) if f.is_file()})
-        if not dirs:
-            raise ReportError(
-                f"no TensorBoard event files ({EVENT_GLOB}) under {str(path)!r}: pass the "
-                "folder of a finished run, e.g. lightning_logs/noprop_mnist/version_0, or a "
-                "folder above several runs"
-            )
-        found.extend(d for d in dirs if d not in found)
-    return found
-
-
-def read_hparams(accumulator: EventAccumulator) -> dict[str, Any]:
-    """The hyper-parameters of the last HPARAMS ``session_start_info`` in the events."""
-    try:
-        content = accumulator.PluginTagToContent("hparams")
-    except KeyError:
-        return {}
-    raw = content.get("_hparams_/session_start_info")
-    if raw is None:
-        return {}
-    data = plugin_data_pb2.HParamsPluginData.FromString(raw)
-    params: dict[str, Any] = {}
-    for name, value in data.session_start_info.hparams.items():
-        kind = value.WhichOneof("kind")
-        if kind == "number_value":
-            number = value.number_value
-            params[name] = int(number) if number.is_integer() else number
-        elif kind == "string_value":
-            params[name] = value.string_value
-        elif kind == "bool_value":
-            params[name] = value.bool_value
-    return params
-
-
-def load_run(path: Path) -> Run:
-    """Read all scalars and the hyper-parameters of one run folder.
-
-    Raises:
-        ReportError: If the event files hold no scalars.
-    """
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        by_step = {event.step: float(event.value) for event in accumulator.Scalars(tag)}
-        scalars[tag] = sorted(by_step.items())
-    if not scalars:
-        raise ReportError(
-            f"the event files in {str(path)!r} hold no scalars: the run probably stopped "
-            "before its first epoch ended"
-        )
-    return Run(path=path, scalars=scalars, hparams=read_hparams(accumulator))
-
-
-def load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """Load every run under ``paths`` and give each a unique label.
-
-    The label is the method name (``NoProp-DT``, ``Backprop``, ...) when the events hold
-    the HPARAMS summaries, else the folder name; the folder name is appended when two runs
-    would share a label.
-    """
-    runs = [load_run(d) for d in find_run_dirs(paths)]
-    base = [str(r.hparams.get("method") or _short_path(r.path)) for r in runs]
-    for run, label in zip(runs, base, strict=True):
-        run.label = label if base.count(label) == 1 else f"{label} [{_short_path(run.path)}]"
-    return runs
-
-
-def _short_path(path: Path) -> str:
-    parts = path.resolve().parts
-    return "/".join(parts[-2:])
-
+__all__ = [
+    "PLOTS",
+    "PlotSpec",
+    "ReportError",
+    "ReportResult",
+    "Run",
+    "load_runs",
+    "plot_runs",
+    "report",
+    "verdict",
+]
 
 # ---------------------------------------------------------------------- table
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -245,7 +70,7 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
             kinds = {s["peak_memory_kind"] for s in summaries if s["peak_memory_kind"]}
             name = f"{name} ({', '.join(sorted(kinds))})" if kinds else name
         rows.append([name, *cells])
-    rows.append(["run folder", *[_short_path(r.path) for r in runs]])
+    rows.append(["run folder", *[short_path(r.path) for r in runs]])
     return rows
 
 
@@ -269,103 +94,50 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------- plots
-@dataclass(frozen=True)
-class PlotSpec:
-    """One figure: which tag(s) to draw and how to label them."""
-
-    filename: str
-    title: str
-    ylabel: str
-    tags: tuple[str, ...]
-    scale: float = 1.0
-    log_y: bool = False
-    from_zero: bool = False
+def _ratio_text(name_a: str, a: float, name_b: str, b: float, lower_is_better: str) -> str:
+    if a <= 0 or b <= 0:
+        return ""
+    if max(a, b) / min(a, b) < 1.02:
+        return "about the same"
+    if a < b:
+        return f"{name_a} {b / a:.2f}x {lower_is_better}"
+    return f"{name_b} {a / b:.2f}x {lower_is_better}"
 
 
-PLOTS = (
-    PlotSpec(
-        "train_loss.png",
-        "Training loss, epoch mean (each method's own objective)",
-        "loss",
-        ("train/loss_epoch", "train/loss"),
-        log_y=True,
-    ),
-    PlotSpec(
-        "val_loss.png",
-        "Validation cross-entropy of the predictions",
-        "cross-entropy",
-        ("val/loss",),
-    ),
-    PlotSpec("val_acc.png", "Validation accuracy", "accuracy (%)", ("val/acc",), scale=100.0),
-    PlotSpec(
-        "epoch_time.png",
-        "Training epoch wall time (validation excluded)",
-        "seconds",
-        ("time/train_epoch_s",),
-        from_zero=True,
-    ),
-    PlotSpec(
-        "peak_memory.png",
-        "Peak memory per training epoch",
-        "MiB",
-        ("memory/train_peak_allocated_mib", "memory/train_peak_rss_mib"),
-        from_zero=True,
-    ),
-)
-
-_MEMORY_NAMES = {
-    "memory/train_peak_allocated_mib": "CUDA allocated",
-    "memory/train_peak_rss_mib": "process RSS",
-}
-
-
-def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per quantity of :data:`PLOTS`, all runs overlaid.
-
-    A figure whose quantity no run logged is not written.
-
-    Returns:
-        The paths written.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for spec in PLOTS:
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        drawn = 0
-        for run in runs:
-            tag = next((t for t in spec.tags if t in run.scalars), None)
-            if tag is None:
-                continue
-            xs, ys = run.by_epoch(tag)
-            label = run.label
-            if tag in _MEMORY_NAMES:
-                label = f"{label} ({_MEMORY_NAMES[tag]})"
-            ax.plot(xs, [y * spec.scale for y in ys], marker="o", label=label)
-            drawn += 1
-        if not drawn:
-            continue
-        if spec.log_y and all(
-            y > 0 for run in runs for t in spec.tags for y in run.values(t) if not math.isnan(y)
-        ):
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-        if spec.from_zero:
-            ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
-        ax.set_title(spec.title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(spec.ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        path = out / spec.filename
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    return written
+def verdict(result: ReportResult) -> list[str]:
+    """Plain-language lines comparing the two runs of :func:`compare` (NoProp first)."""
+    (a, b) = result.runs[:2]
+    sa, sb = a.summary(), b.summary()
+    lines = []
+    metric, key = (
+        ("test", "test_acc") if sa["test_acc"] is not None else ("best val", "best_val_acc")
+    )
+    if sa[key] is not None and sb[key] is not None:
+        diff = 100 * (sa[key] - sb[key])
+        leader = a.label if diff > 0 else b.label
+        gap = "tie" if abs(diff) < 0.005 else f"{leader} +{abs(diff):.2f} points"
+        lines.append(
+            f"Accuracy ({metric}): {a.label} {100 * sa[key]:.2f}% vs {b.label} "
+            f"{100 * sb[key]:.2f}% -> {gap}"
+        )
+    if sa["mean_epoch_s"] and sb["mean_epoch_s"]:
+        lines.append(
+            f"Training epoch time: {a.label} {sa['mean_epoch_s']:.1f} s vs {b.label} "
+            f"{sb['mean_epoch_s']:.1f} s -> "
+            + _ratio_text(a.label, sa["mean_epoch_s"], b.label, sb["mean_epoch_s"], "faster")
+        )
+    if sa["peak_memory_mib"] and sb["peak_memory_mib"]:
+        lines.append(
+            f"Peak training memory ({sa['peak_memory_kind']}): {a.label} "
+            f"{sa['peak_memory_mib']:,.0f} MiB vs {b.label} {sb['peak_memory_mib']:,.0f} MiB -> "
+            + _ratio_text(a.label, sa["peak_memory_mib"], b.label, sb["peak_memory_mib"], "leaner")
+        )
+    epochs = {sa["epochs"], sb["epochs"]}
+    lines.append(
+        f"Budget: {', '.join(str(e) for e in sorted(epochs))} epoch(s) each. A small budget "
+        "answers 'which is faster and leaner'; accuracy needs the full budget to settle."
+    )
+    return lines
 
 
 # ---------------------------------------------------------------------- entry points

@@ -10,7 +10,7 @@ seeded permutation; the test split is only read for ``test``/``predict``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -19,13 +19,19 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from noprop_lightning.data.files import (
+    DatasetCorruptError,
+    check_loaded,
+    example_file,
+    missing_files,
+    missing_message,
+    validate_arguments,
+)
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError, NoPropUserError
 
+__all__ = ["DatasetCorruptError", "ImageClassificationDataModule", "Split", "TensorImageDataset"]
+
 Split = Literal["train", "test"]
-
-
-class DatasetCorruptError(DatasetNotFoundError):
-    """Raised when dataset files exist but cannot be read (truncated, corrupt, wrong md5)."""
 
 
 class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -118,7 +124,7 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        _validate_arguments(batch_size, num_workers, val_size, train_subset)
+        validate_arguments(batch_size, num_workers, val_size, train_subset)
         self.data_dir = data_dir
         self.download = download
         self.batch_size = batch_size
@@ -184,7 +190,7 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         if not self.download:
             return
         folder, names = self._required_files()
-        if names and not self._missing_files(folder, names):
+        if names and not missing_files(folder, names):
             return
         try:
             self._download()
@@ -195,7 +201,7 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
                 f"Downloading {self.display_name} into {self.data_path} failed "
                 f"({type(err).__name__}: {err}). Without network access, fetch the files on "
                 f"another machine and point `--data.data_dir` at a folder containing "
-                f"`{self._example_file(folder, names)}` (the expected files are "
+                f"`{example_file(self.data_path, folder, names)}` (the expected files are "
                 f"{', '.join(names)} in {folder}), with `--data.download false`."
             ) from err
 
@@ -283,12 +289,12 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
     # ------------------------------------------------------------------ internals
     def _read(self, split: Split) -> tuple[Tensor, Tensor]:
         folder, names = self._required_files()
-        if names and self._missing_files(folder, names):
+        if names and missing_files(folder, names):
             if self.download:
                 self.prepare_data()
-            missing = self._missing_files(folder, names)
+            missing = missing_files(folder, names)
             if missing:
-                raise DatasetNotFoundError(self._missing_message(folder, names, missing))
+                raise DatasetNotFoundError(missing_message(self, folder, names, missing))
         try:
             images, labels = self._load_split(split)
         except NoPropUserError:
@@ -300,56 +306,8 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
                 "or truncated, e.g. from an interrupted download or copy: replace them with "
                 "intact copies, or delete them and run with `--data.download true`."
             ) from err
-        self._check_loaded(split, folder, images, labels)
+        check_loaded(self, split, folder, images, labels)
         return images, labels
-
-    def _check_loaded(self, split: Split, folder: Path, images: Tensor, labels: Tensor) -> None:
-        expected = (self.in_channels, self.image_size, self.image_size)
-        problem = None
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            problem = f"images have shape {tuple(images.shape)}, expected (N, *{expected})"
-        elif images.shape[0] != labels.shape[0]:
-            problem = f"{images.shape[0]} images but {labels.shape[0]} labels"
-        elif labels.numel() == 0:
-            problem = "the split is empty"
-        elif int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            problem = (
-                f"labels span [{int(labels.min())}, {int(labels.max())}], "
-                f"expected [0, {self.num_classes - 1}]"
-            )
-        if problem is not None:
-            raise DatasetCorruptError(
-                f"The {self.display_name} {split} split read from {folder} is inconsistent: "
-                f"{problem}. The files look corrupt or truncated: replace them with intact "
-                "copies, or delete them and run with `--data.download true`."
-            )
-
-    @staticmethod
-    def _missing_files(folder: Path, names: Sequence[str]) -> list[str]:
-        return [name for name in names if not (folder / name).is_file()]
-
-    def _example_file(self, folder: Path, names: Sequence[str]) -> str:
-        try:
-            relative = folder.relative_to(self.data_path)
-        except ValueError:
-            relative = folder
-        return str(relative / names[0])
-
-    def _missing_message(self, folder: Path, names: Sequence[str], missing: Sequence[str]) -> str:
-        message = (
-            f"{self.display_name} dataset not found: searched directory {folder} "
-            f"(data_dir={self.data_dir!r}) for the files {', '.join(names)}; missing: "
-            f"{', '.join(missing)}. To fix it, point `--data.data_dir` (the `data_dir` "
-            f"argument) at a folder containing `{self._example_file(folder, names)}` and the "
-            "other files, or set `--data.download true` on a machine with network access."
-        )
-        compressed = [f"{name}.gz" for name in missing if (folder / f"{name}.gz").is_file()]
-        if compressed:
-            message += (
-                f" Compressed files were found ({', '.join(compressed)}): decompress them "
-                "in place with `gunzip`."
-            )
-        return message
 
     def _split_indices(self, n: int) -> tuple[Tensor, Tensor]:
         if isinstance(self.val_size, float):
@@ -386,30 +344,4 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-        )
-
-
-def _validate_arguments(
-    batch_size: int, num_workers: int, val_size: int | float, train_subset: int | None
-) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ConfigurationError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    if isinstance(val_size, bool) or not isinstance(val_size, int | float):
-        raise ConfigurationError(
-            f"val_size must be an int count or a float fraction in (0, 1), got {val_size!r}"
-        )
-    if isinstance(val_size, int) and val_size < 1:
-        raise ConfigurationError(f"val_size as a count must be >= 1, got {val_size}")
-    if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
-        raise ConfigurationError(
-            f"val_size as a fraction must lie in (0, 1), got {val_size}; "
-            "pass an int for a sample count"
-        )
-    if train_subset is not None and (
-        isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
-    ):
-        raise ConfigurationError(
-            f"train_subset must be None or an integer >= 1, got {train_subset!r}"
         )

@@ -246,7 +246,14 @@ class ClassifierModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def configure_callbacks(self) -> list[Callback]:
-        """Save and restore the global RNG states with every checkpoint (exact resume)."""
+        """Save and restore the global RNG states with every checkpoint (exact resume).
+
+        Nothing is added when the trainer already has an :class:`RNGStateCheckpoint` (the
+        user's, or ours from an earlier ``fit`` / ``validate`` on the same trainer).
+        """
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        if any(isinstance(c, RNGStateCheckpoint) for c in callbacks):
+            return []
         return [RNGStateCheckpoint()]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

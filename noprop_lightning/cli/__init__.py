@@ -1,0 +1,172 @@
+"""The command-line interface: a LightningCLI over any module and data module of the package."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from noprop_lightning.cli.checkpoints import (
+    LINKED_DATA_PROPERTIES,
+    SPECIAL_CKPT_PATHS,
+    check_model_against_checkpoint,
+    import_class,
+    is_special_ckpt_path,
+    read_checkpoint_header,
+)
+from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+
+__all__ = [
+    "LINKED_DATA_PROPERTIES",
+    "SPECIAL_CKPT_PATHS",
+    "NoPropCLI",
+    "condense_parser_message",
+    "find_user_error",
+    "main",
+    "read_checkpoint_header",
+]
+
+#: Parser settings: raise instead of printing the whole usage, and refuse abbreviated options
+#: (``--trainer.max_epoch`` would otherwise silently mean ``--trainer.max_epochs``).
+_PARSER_KWARGS: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
+
+#: Exit status of every error caused by user input (bad option, config, data, checkpoint).
+USER_ERROR_EXIT_CODE = 2
+
+
+class NoPropCLI(LightningCLI):
+    """LightningCLI with data properties linked into the model and test-after-fit.
+
+    ``num_classes``, ``in_channels`` and ``image_size`` are read from the instantiated data
+    module and passed to the model, so a config never states them twice. After ``fit`` the
+    best checkpoint (by the ``ModelCheckpoint`` monitor, i.e. validation accuracy, never the
+    test set) is evaluated on the test split unless ``--test_after_fit false``.
+
+    With ``--ckpt_path FILE`` the checkpoint is checked before anything is built: it must
+    exist and be readable, and its structural model settings (``T``, embedding, sizes; see
+    :attr:`~noprop_lightning.modules.base.ClassifierModule.structural_hparams`) must agree
+    with the config's. Lightning then takes the model settings from the checkpoint, except
+    the runtime ones (:attr:`~noprop_lightning.modules.base.ClassifierModule.runtime_hparams`:
+    inference mode and steps, execution path, diffusion backend), which come from the config
+    and command line; a warning names the other config values that the checkpoint overrides.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link data properties to the model and add ``--test_after_fit``."""
+        for name in LINKED_DATA_PROPERTIES:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, evaluate the best checkpoint on the test split.",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
+        super().parse_arguments(parser, args)
+        self._check_ckpt_path()
+
+    def _parse_ckpt_path(self) -> None:
+        """Merge the checkpoint's hyper-parameters, keeping the config's runtime settings."""
+        model = self._model_config()
+        keep = {}
+        if model is not None and model.get("init_args") is not None:
+            cls = import_class(str(model.class_path))
+            for key in getattr(cls, "runtime_hparams", ()):
+                if key in model.init_args:
+                    keep[key] = copy.deepcopy(model.init_args[key])
+        super()._parse_ckpt_path()
+        model = self._model_config()
+        if model is not None and model.get("init_args") is not None:
+            for key, value in keep.items():
+                model.init_args[key] = value
+
+    def _model_config(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return None
+        model = self.config[subcommand].get("model")
+        return model if model is not None and hasattr(model, "class_path") else None
+
+    def after_fit(self) -> None:
+        """Evaluate on the test split after fitting (best checkpoint when there is one)."""
+        if not self.config[self.subcommand].get("test_after_fit", True):
+            return
+        if self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+
+    # ------------------------------------------------------------------ checkpoint checks
+    def _check_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
+            return
+        checkpoint = read_checkpoint_header(ckpt_path)
+        model_config = config.get("model")
+        if model_config is None or not hasattr(model_config, "class_path"):
+            return
+        check_model_against_checkpoint(
+            str(ckpt_path), checkpoint.get("hyper_parameters") or {}, model_config
+        )
+
+
+def _exit_with(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
+    """Run the CLI; user errors print one paragraph and exit with status 2.
+
+    User errors are: unknown or misspelled options and config keys, values that fail a
+    type check, every :class:`~noprop_lightning.errors.NoPropUserError` (invalid settings,
+    missing or corrupt data, unusable checkpoints, a diverged loss), also when jsonargparse
+    or Lightning wrapped it. Anything else is a bug and keeps its traceback.
+
+    Args:
+        args: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The CLI object (useful in tests); user errors exit instead of returning.
+    """
+    subcommands = LightningCLI.subcommands()
+    parser_kwargs = {**_PARSER_KWARGS, **{name: dict(_PARSER_KWARGS) for name in subcommands}}
+    try:
+        return NoPropCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=42,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs=parser_kwargs,
+            args=args,
+        )
+    except argparse.ArgumentError as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            _exit_with(str(user_error))
+        command = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "cli.py"
+        _exit_with(
+            f"invalid option or config value: {condense_parser_message(str(err))}. "
+            f"Run `python {command} <subcommand> --help` to list the accepted options."
+        )
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        _exit_with(str(user_error))

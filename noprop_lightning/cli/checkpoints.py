@@ -1,0 +1,124 @@
+"""``--ckpt_path`` checks: the file is an intact checkpoint whose model fits the config."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noprop_lightning.callbacks.checkpoint import flatten_mapping, structural_differences
+from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
+from noprop_lightning.modules.base import ClassifierModule
+
+#: The model arguments that the CLI links from the data module.
+LINKED_DATA_PROPERTIES = ("num_classes", "in_channels", "image_size")
+
+#: ``--ckpt_path`` values that Lightning resolves itself (not file names).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def is_special_ckpt_path(path: str) -> bool:
+    """Whether ``path`` is one of Lightning's special values rather than a file."""
+    return path in SPECIAL_CKPT_PATHS or path.startswith("registry:") or "://" in path
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """Check that a checkpoint file exists and is intact; return it loaded on the CPU.
+
+    A Lightning checkpoint is a zip archive (``torch.save``); its CRCs are verified before
+    unpickling, so a truncated or damaged file gives one clear message.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The checkpoint dictionary, loaded with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: If the file is missing, truncated, corrupt or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"--ckpt_path {path} does not exist or is not a file. Point it at a .ckpt file, "
+            "e.g. lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run to resume."
+        )
+    damaged = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        if bad_member is not None:
+            damaged = f"the archive member {bad_member} fails its CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        damaged = f"{type(err).__name__}: {err}"
+    if damaged is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
+            damaged = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    raise CheckpointError(
+        f"the checkpoint {path} cannot be read ({damaged}): it is truncated, corrupt or not a "
+        "Lightning checkpoint. Resume from another checkpoint of the run (ModelCheckpoint "
+        "keeps last.ckpt and the best ones in the same folder) or start a fresh run."
+    )
+
+
+def import_class(class_path: str) -> type | None:
+    """The class a dotted path names, or ``None`` if it cannot be imported."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def check_model_against_checkpoint(
+    ckpt_path: str, saved: Mapping[str, Any], model_config: Any
+) -> None:
+    """Compare the model part of the config with the hyper-parameters of a checkpoint."""
+    saved = dict(saved)
+    saved_class_path = saved.pop("_class_path", None)
+    saved.pop("_instantiator", None)
+    config_class = import_class(str(model_config.class_path))
+    if saved_class_path is not None:
+        saved_class = import_class(str(saved_class_path))
+        if saved_class is not None and config_class is not None and saved_class is not config_class:
+            raise CheckpointMismatchError(
+                f"the checkpoint {ckpt_path} was written by {saved_class.__name__} but the config "
+                f"builds {config_class.__name__}: use the config of the run that wrote it (the "
+                "config.yaml saved next to its checkpoints) or start a fresh run without "
+                "--ckpt_path."
+            )
+    init_args = model_config.get("init_args")
+    if init_args is None or not saved:
+        return
+    current = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(vars(init_args))
+    # Data-linked values are filled in at instantiation; the module checks them on load.
+    for name in LINKED_DATA_PROPERTIES:
+        current.pop(name, None)
+    keys = getattr(config_class, "structural_hparams", ClassifierModule.structural_hparams)
+    diffs = structural_differences(saved, current, keys)
+    if diffs:
+        raise CheckpointMismatchError(
+            f"the checkpoint {ckpt_path} does not fit the model of this config "
+            f"({'; '.join(diffs)}): its weights and optimizer states were made for another "
+            "shape. Remove the options that change these settings (or reuse the config.yaml "
+            "saved next to the run's checkpoints), or start a fresh run without --ckpt_path."
+        )
+    runtime = tuple(getattr(config_class, "runtime_hparams", ()))
+    other_keys = [
+        k for k in flatten_mapping(saved) if k not in keys and k.split(".")[0] not in runtime
+    ]
+    others = structural_differences(saved, current, other_keys)
+    if others:
+        warnings.warn(
+            f"resuming from {ckpt_path}: Lightning uses the checkpoint's model settings, so "
+            f"these config values are ignored: {'; '.join(others)}",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,103 @@
+"""Turning parser and library errors into the one-paragraph ``error:`` the CLI prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import typing
+
+from lightning.pytorch import Trainer
+
+from noprop_lightning.cli.checkpoints import import_class
+from noprop_lightning.errors import NoPropUserError
+
+
+def find_user_error(err: BaseException) -> NoPropUserError | None:
+    """The :class:`NoPropUserError` that caused ``err`` (it may be wrapped), if any.
+
+    jsonargparse wraps errors raised while instantiating classes in a ``ValueError`` whose
+    ``__cause__`` is the original error.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, NoPropUserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+_UNKNOWN_OPTION = re.compile(
+    r"(?:Option|option) '([\w.]+)' is not accepted|accept option '([\w.]+)'"
+    r"|unrecognized arguments: --([\w.]+)"
+)
+_CLASS_PATH = re.compile(r"class_path '([\w.]+)'")
+
+
+def _init_parameters(cls: type) -> dict[str, str]:
+    """The ``__init__`` arguments of ``cls`` and its bases, by their last name component.
+
+    Fields of settings-dataclass arguments are listed by their dotted name, so an option
+    that moved into a group (``hidden`` -> ``network.hidden``) is found by its old name.
+    """
+    names: dict[str, str] = {}
+    for klass in inspect.getmro(cls):
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            hints = typing.get_type_hints(klass.__init__)
+            parameters = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError, NameError):
+            continue
+        for name in parameters:
+            if name in ("self", "args", "kwargs"):
+                continue
+            names.setdefault(name, name)
+            hint = hints.get(name)
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                for field in dataclasses.fields(hint):
+                    names.setdefault(field.name, f"{name}.{field.name}")
+    return names
+
+
+def _did_you_mean(message: str) -> str:
+    """A " (did you mean 'x'?)" hint for an unknown option, or ``""``."""
+    match = _UNKNOWN_OPTION.search(message)
+    if match is None:
+        return ""
+    option = next(group for group in match.groups() if group)
+    class_match = _CLASS_PATH.search(message)
+    if class_match is not None:
+        cls = import_class(class_match.group(1))
+    else:
+        cls = Trainer if option.startswith("trainer.") else None
+    if cls is None:
+        return ""
+    candidates = _init_parameters(cls)
+    close = difflib.get_close_matches(option.rsplit(".", 1)[-1], list(candidates), n=1)
+    return f" (did you mean '{candidates[close[0]]}'?)" if close else ""
+
+
+def condense_parser_message(message: str) -> str:
+    """Turn a multi-line jsonargparse error into one paragraph, with a "did you mean" hint.
+
+    Union-type errors list one attempt per allowed type; only the attempts that say something
+    (not "Expected a <class 'NoneType'>") are kept.
+    """
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if any("Does not validate against any of the Union subtypes" in line for line in lines):
+        kept = [lines[0].rstrip(":")] if lines[0].startswith("Parser key") else []
+        in_errors = False
+        for line in lines:
+            if line.startswith("Errors:"):
+                in_errors = True
+                continue
+            if line.startswith("Given value"):
+                in_errors = False
+            if in_errors and "Expected a <class 'NoneType'>" not in line:
+                kept.append(line.lstrip("- ").rstrip(":"))
+        lines = kept or lines
+    return ": ".join(lines) + _did_you_mean(message)
