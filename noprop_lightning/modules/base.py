@@ -21,6 +21,7 @@ from noprop_lightning.modules.optim import (
     build_optimizer,
     scheduler_config,
 )
+from noprop_lightning.nets import ClassifierHead, LabelEmbedding
 from noprop_lightning.settings import Settings, check_int
 
 
@@ -264,6 +265,32 @@ class ClassifierModule(L.LightningModule):
                 structural hyper-parameters (``T``, embedding, sizes) or parameter shapes.
         """
         check_checkpoint_matches(self, checkpoint, self.structural_hparams)
+
+
+class NoPropBase(ClassifierModule):
+    """A module whose shared parts (label embedding, head, schedule) live in :attr:`objective`.
+
+    The objective is one of :mod:`noprop_lightning.objectives`; the networks it trains are
+    the module's own (``blocks`` or ``net``).
+    """
+
+    objective: nn.Module
+
+    @property
+    def embedding(self) -> LabelEmbedding:
+        """The label embedding ``W_embed`` (owned by :attr:`objective`)."""
+        return self.objective.embedding
+
+    @property
+    def embed_dim(self) -> int:
+        """The label embedding dimension ``d``."""
+        return self.objective.embedding.dim
+
+    def setup(self, stage: str) -> None:
+        """Initialise prototype embeddings (and the head that reads them) from training images."""
+        head = getattr(self.objective, "head", None)
+        reader = head if isinstance(head, ClassifierHead) else None
+        guards.init_prototypes_from_data(self._trainer, self.embedding, reader)
 
 
 def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from noprop_lightning.modules import guards
-from noprop_lightning.modules.base import ClassifierModule, trainable_parameters
+from noprop_lightning.modules.base import NoPropBase, trainable_parameters
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adam
 from noprop_lightning.nets import LabelEmbedding, TimeConditionedBlock, TimeNetwork
 from noprop_lightning.nets.embeddings import EmbeddingKind
@@ -39,7 +39,7 @@ from noprop_lightning.schedules import LearnableSchedule, Sampler, check_sampler
 __all__ = ["ContinuousNoPropModule", "NoPropCTModule", "NoPropFMModule", "paper_adam"]
 
 
-class ContinuousNoPropModule(ClassifierModule):
+class ContinuousNoPropModule(NoPropBase):
     """What NoProp-CT and NoProp-FM share (not used on its own).
 
     The network, the sampler settings, the optimizer and the inference entry points.
@@ -88,16 +88,6 @@ class ContinuousNoPropModule(ClassifierModule):
 
     # ------------------------------------------------------------------ parts and settings
     @property
-    def embedding(self) -> LabelEmbedding:
-        """The label embedding (owned by :attr:`objective`)."""
-        return self.objective.embedding
-
-    @property
-    def embed_dim(self) -> int:
-        """The label embedding dimension ``d``."""
-        return self.objective.embed_dim
-
-    @property
     def inference(self) -> SamplerSettings:
         """The sampler settings; may be reassigned at any time (a mapping is accepted)."""
         return self._inference
@@ -123,10 +113,6 @@ class ContinuousNoPropModule(ClassifierModule):
         """``"euler"`` or ``"heun"``."""
         return self._inference.sampler
 
-    def setup(self, stage: str) -> None:
-        """Initialise prototype embeddings from the data module's training images."""
-        guards.init_prototypes_from_data(self._trainer, self.embedding)
-
     def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """One optimizer over every trainable parameter."""
         return [("the model", trainable_parameters(self))]
@@ -137,7 +123,7 @@ class ContinuousNoPropModule(ClassifierModule):
         return self.objective.losses(self.net, x, y, *args)
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """See :meth:`ClassifierModule.training_losses`."""
+        """The objective's loss terms (automatic optimization steps their ``"loss"``)."""
         return self.losses(x, y)
 
     # ------------------------------------------------------------------ inference

@@ -10,7 +10,7 @@ from torch import nn
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import ExecutionSettings, executor_for
 from noprop_lightning.modules import guards, parallel
-from noprop_lightning.modules.base import ClassifierModule
+from noprop_lightning.modules.base import NoPropBase
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
 from noprop_lightning.nets import BlockNetwork, ClassifierHead, LabelEmbedding, build_blocks
 from noprop_lightning.nets.embeddings import EmbeddingKind
@@ -22,7 +22,7 @@ BlockOrder = Literal["all", "random"]
 InferenceMode = Literal["stochastic", "deterministic"]
 
 
-class NoPropModule(ClassifierModule):
+class NoPropModule(NoPropBase):
     """NoProp-DT (Li, Teh & Pascanu, 2025): each block learns to denoise a noisy label.
 
     Training: for a batch ``(x, y)`` every selected block ``t`` gets
@@ -121,11 +121,6 @@ class NoPropModule(ClassifierModule):
 
     # ------------------------------------------------------------------ parts and settings
     @property
-    def embedding(self) -> LabelEmbedding:
-        """The label embedding ``W_embed`` (owned by :attr:`objective`)."""
-        return self.objective.embedding
-
-    @property
     def head(self) -> ClassifierHead:
         """The classifier on ``z_T`` (owned by :attr:`objective`)."""
         return self.objective.head
@@ -134,11 +129,6 @@ class NoPropModule(ClassifierModule):
     def schedule(self) -> CosineSchedule:
         """The cosine noise schedule (owned by :attr:`objective`)."""
         return self.objective.schedule
-
-    @property
-    def embed_dim(self) -> int:
-        """The label embedding dimension ``d``."""
-        return self.objective.embed_dim
 
     @property
     def inference(self) -> InferenceMode:
@@ -177,7 +167,7 @@ class NoPropModule(ClassifierModule):
                 f"diffusion_backend='numba' has CPU kernels only, but the trainer runs on "
                 f"{device}: use diffusion_backend='torch' there"
             )
-        guards.init_prototypes_from_data(self._trainer, self.embedding, self.head)
+        super().setup(stage)
 
     def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """One optimizer per block, then one for the head and embedding (the last one)."""

@@ -127,6 +127,23 @@ class ContinuousObjective(nn.Module):
         """The loss terms for a batch; ``"loss"`` is the total that is minimised."""
         raise NotImplementedError
 
+    @staticmethod
+    def draws(
+        u: torch.Tensor, t: torch.Tensor | None, *normals: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """The random inputs of a loss, drawn where not given (in this order).
+
+        Args:
+            u: ``(B, d)`` clean label embeddings (gives the batch, shape and device).
+            t: ``(B,)`` times, or ``None`` for ``U[0, 1]`` draws (one per example).
+            *normals: ``(B, d)`` tensors, or ``None`` for standard normal draws.
+
+        Returns:
+            ``(t, *normals)`` with every ``None`` replaced.
+        """
+        t = torch.rand(u.shape[0], device=u.device) if t is None else t
+        return t, *(torch.randn_like(u) if n is None else n for n in normals)
+
     def integrate(
         self, net: nn.Module, features: torch.Tensor, z0: torch.Tensor, steps: int, sampler: Sampler
     ) -> torch.Tensor:
@@ -214,12 +231,7 @@ class CTObjective(ContinuousObjective):
             ``{"loss", "ce", "kl", "denoise"}``; ``loss = ce + kl + denoise``.
         """
         u = self.embedding(y)
-        if t is None:
-            t = torch.rand(len(y), device=u.device)
-        if noise is None:
-            noise = torch.randn_like(u)
-        if final_noise is None:
-            final_noise = torch.randn_like(u)
+        t, noise, final_noise = self.draws(u, t, noise, final_noise)
         z_t = self.schedule.add_noise(u, t, noise)
         uhat = self.denoise(net, net.encode_image(x), z_t, t)
         weight = self.schedule.loss_weight(t, self.eta)
@@ -293,12 +305,7 @@ class FMObjective(ContinuousObjective):
             ``{"loss", "flow"}`` plus ``"ce"`` when the embedding is trainable.
         """
         u = self.embedding(y)
-        if t is None:
-            t = torch.rand(len(y), device=u.device)
-        if z0 is None:
-            z0 = torch.randn_like(u)
-        if noise is None:
-            noise = torch.randn_like(u)
+        t, z0, noise = self.draws(u, t, z0, noise)
         t_col = t.reshape(-1, 1)
         z_t, target = self.path.add_noise(u, z0, t_col, noise)
         v = net(x, z_t, t)

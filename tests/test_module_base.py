@@ -1,0 +1,151 @@
+"""What every LightningModule of the package gets from the one base: optimizers and schedulers
+(with their monitor), settings stored as plain hyper-parameters, exact-resume RNG state."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from noprop_lightning import (
+    BackpropModule,
+    BlockNetwork,
+    NoPropCTModule,
+    NoPropFMModule,
+    NoPropModule,
+    RNGStateCheckpoint,
+)
+from noprop_lightning.callbacks.checkpoint import RNG_STATE_KEY
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+
+
+def plateau(optimizer):
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+
+
+MODULES = {
+    "dt": lambda **kw: NoPropModule(**TINY, num_blocks=2, **kw),
+    "ct": lambda **kw: NoPropCTModule(**TINY, inference={"steps": 2}, **kw),
+    "fm": lambda **kw: NoPropFMModule(**TINY, inference={"steps": 2}, **kw),
+    "backprop": lambda **kw: BackpropModule(**TINY, num_blocks=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_reduce_lr_on_plateau_watches_val_loss_for_every_module(name):
+    """One set-up for all: manual (DT) and automatic (CT, FM, backprop) optimization alike."""
+    torch.manual_seed(0)
+    module = MODULES[name](scheduler=plateau)
+    trainer = tiny_trainer(max_epochs=4, limit_train_batches=1)
+    trainer.fit(module, tiny_loader(n=16), tiny_loader(n=8))
+    configs = trainer.lr_scheduler_configs
+    assert configs and all(
+        isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) for c in configs
+    )
+    # Stepped once per epoch, each time with a validation loss (best starts at +inf).
+    assert "val/loss" in trainer.callback_metrics
+    assert all(c.scheduler.last_epoch == 4 for c in configs)
+    assert all(math.isfinite(c.scheduler.best) for c in configs)
+
+
+def test_plateau_without_validation_is_a_clear_error():
+    module = MODULES["dt"](scheduler=plateau)
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    with pytest.raises(Exception, match="ReduceLROnPlateau watches 'val/loss'"):
+        trainer.fit(module, tiny_loader(n=16))
+
+
+def test_schedulers_are_named_after_their_optimizer():
+    module = MODULES["dt"](scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, tiny_loader(n=16))
+    names = [c.name for c in trainer.lr_scheduler_configs]
+    assert names == ["lr-block_1", "lr-block_2", "lr-the_head_and_embedding"]
+
+
+class ModuleLevelEncoder(nn.Module):
+    """A user encoder defined at module level: checkpoints name it by its import path."""
+
+    def __init__(self, in_channels: int, image_size: int, out_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_custom_encoder_class_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    network = BlockNetwork(encoder=ModuleLevelEncoder, hidden=16)
+    module = NoPropModule(**{**TINY, "network": network}, num_blocks=2, inference="deterministic")
+    assert module.hparams.network["encoder"].endswith("test_module_base.ModuleLevelEncoder")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, tiny_loader())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = NoPropModule.load_from_checkpoint(tmp_path / "m.ckpt")  # weights_only, no arguments
+    assert isinstance(loaded.blocks[0].image_path, ModuleLevelEncoder)
+    x, _ = tiny_batch()
+    torch.testing.assert_close(loaded.eval().predict_logits(x), module.eval().predict_logits(x))
+
+
+def test_settings_are_plain_builtins_in_the_checkpoint(tmp_path):
+    module = MODULES["dt"]()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, tiny_loader(n=16))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    hparams = torch.load(tmp_path / "m.ckpt", weights_only=True)["hyper_parameters"]
+    for group in ("network", "objective", "execution"):
+        assert isinstance(hparams[group], dict), group
+    assert hparams["network"]["channels"] == [4, 4, 4]
+
+
+# ---------------------------------------------------------------------- any module resumes exactly
+class ForeignModule(L.LightningModule):
+    """Not one of ours: dropout and a shuffled loader draw from the global RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_foreign(tmp_path, max_epochs, ckpt_path=None, rng_callback=True):
+    L.seed_everything(0)
+    module = ForeignModule()
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    callbacks += [RNGStateCheckpoint()] if rng_callback else []
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(TensorDataset(*tiny_batch(32)), batch_size=8, shuffle=True)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("rng_callback", [True, False], ids=["with", "without"])
+def test_rng_state_callback_makes_any_module_resume_exactly(tmp_path, rng_callback):
+    straight = fit_foreign(tmp_path / "a", max_epochs=2)
+    fit_foreign(tmp_path / "b", max_epochs=1, rng_callback=rng_callback)
+    last = tmp_path / "b" / "last.ckpt"
+    assert (RNG_STATE_KEY in torch.load(last, weights_only=True)) == rng_callback
+    resumed = fit_foreign(tmp_path / "b", max_epochs=2, ckpt_path=last, rng_callback=rng_callback)
+    same = all(
+        torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True)
+    )
+    assert same == rng_callback  # without the callback the resumed run draws other noise
