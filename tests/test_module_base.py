@@ -149,3 +149,29 @@ def test_rng_state_callback_makes_any_module_resume_exactly(tmp_path, rng_callba
         torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters(), strict=True)
     )
     assert same == rng_callback  # without the callback the resumed run draws other noise
+
+
+def test_rng_state_is_restored_only_when_a_fit_resumes(tmp_path):
+    """``test(ckpt_path=...)`` must not rewind the RNG to the checkpoint's (stochastic
+    inference would otherwise depend on when the checkpoint was written)."""
+    fit_foreign(tmp_path, max_epochs=1)
+    seen = []
+
+    class Probe(L.Callback):
+        def on_test_start(self, trainer, pl_module):
+            seen.append(torch.get_rng_state())
+
+    loader = DataLoader(TensorDataset(*tiny_batch(8)), batch_size=8)
+    for ckpt_path in (tmp_path / "last.ckpt", None):
+        module = ForeignModule()
+        module.test_step = lambda batch, batch_idx: None
+        trainer = L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[RNGStateCheckpoint(), Probe()],
+        )
+        torch.manual_seed(1234)
+        trainer.test(module, loader, ckpt_path=ckpt_path, verbose=False)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)[RNG_STATE_KEY]["torch"]
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], saved)

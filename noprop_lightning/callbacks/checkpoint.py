@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from noprop_lightning.errors import CheckpointMismatchError
 
@@ -42,9 +43,13 @@ class RNGStateCheckpoint(Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Restore the RNG states (Lightning calls this only when resuming a fit)."""
+        """Restore the RNG states when resuming a fit (not for validate / test / predict).
+
+        Lightning calls this hook whenever a checkpoint is restored; only a resumed fit must
+        continue the saved random streams.
+        """
         states = checkpoint.get(RNG_STATE_KEY)
-        if states is not None:
+        if states is not None and trainer.state.fn == TrainerFn.FITTING:
             restore_rng_states(states)
 
 
