@@ -30,6 +30,7 @@ FLOORS = {
     "objectives": 3,
     "plots": 3,
     "execution": 4,
+    "distributed": 4,
     "report": 4,
     "modules": 5,
     "diffusion": 6,  # the pre-0.2 names, re-exported

@@ -67,7 +67,11 @@ class BlockExecutor(Protocol):
 
 
 class SequentialExecutor:
-    """One block at a time: forward, backward, free, next. The low-memory path."""
+    """One block at a time: forward, backward, free, next. The low-memory path.
+
+    Each block's update runs inside ``batch.block_randomness(t)``: with per-block streams its
+    dropout masks depend on (seed, block, step) only.
+    """
 
     name = "sequential"
     concurrent_backward = False
@@ -83,9 +87,10 @@ class SequentialExecutor:
         """See :meth:`BlockExecutor.run`."""
         losses = []
         for t in block_ids:
-            loss = objective.block_loss(blocks[t], t, batch)
-            if backward is not None:
-                backward(loss)
-                loss = loss.detach()
+            with batch.block_randomness(t):  # block t's own dropout stream, if any
+                loss = objective.block_loss(blocks[t], t, batch)
+                if backward is not None:
+                    backward(loss)
+                    loss = loss.detach()
             losses.append(loss)
         return torch.stack(losses)

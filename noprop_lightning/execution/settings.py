@@ -11,7 +11,7 @@ from typing import Literal
 
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.objectives import DiffusionBackend
-from noprop_lightning.settings import Settings, check_choice, check_optional_int
+from noprop_lightning.settings import Settings, check_choice, check_int, check_optional_int
 
 ExecutionMode = Literal["sequential", "threaded", "fused"]
 
@@ -32,12 +32,19 @@ class ExecutionSettings(Settings):
         chunk_size: Blocks per vectorised chunk of ``"fused"`` (``None``: all blocks).
         diffusion_backend: ``"torch"`` or ``"numba"`` (fused CPU kernels) for the noisy-label
             sampling, the weighted denoising losses and the inference update.
+        train_blocks: The 0-based blocks this run trains (``None``: all). The others are
+            neither stepped nor given optimizer state; checkpoints of runs that trained
+            different blocks merge into one model (``python -m noprop_lightning.merge``).
+        train_head: Whether this run trains the classifier head (and a trainable
+            embedding). Of several runs to be merged, exactly one should.
     """
 
     mode: ExecutionMode = "sequential"
     num_threads: int | None = None
     chunk_size: int | None = None
     diffusion_backend: DiffusionBackend = "torch"
+    train_blocks: list[int] | None = None
+    train_head: bool = True
 
     def __post_init__(self) -> None:
         check_choice("execution.mode", self.mode, ExecutionMode)
@@ -55,3 +62,10 @@ class ExecutionSettings(Settings):
             )
         object.__setattr__(self, "num_threads", threads)
         object.__setattr__(self, "chunk_size", chunk)
+        if self.train_blocks is not None:
+            blocks = [check_int("execution.train_blocks", t, 0) for t in self.train_blocks]
+            object.__setattr__(self, "train_blocks", blocks)
+        if not isinstance(self.train_head, bool):
+            raise ConfigurationError(
+                f"execution.train_head must be true or false, got {self.train_head!r}"
+            )

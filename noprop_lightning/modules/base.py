@@ -166,17 +166,23 @@ class ClassifierModule(L.LightningModule):
         return f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
 
     def log_training(
-        self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], batch_size: int
+        self,
+        loss: torch.Tensor,
+        terms: Mapping[str, torch.Tensor],
+        batch_size: int,
+        per_step: bool = True,
     ) -> None:
         """Log ``train/loss`` (progress bar, per step and epoch) and ``train/<term>`` per epoch.
 
         ``sync_dist``: under DDP the epoch values are means over every process's batches.
+        ``per_step=False`` logs ``train/loss`` per epoch only (a per-step value with
+        ``sync_dist`` is an all-reduce in every step).
         """
         self.log(
             "train/loss",
             loss,
             prog_bar=True,
-            on_step=True,
+            on_step=per_step,
             on_epoch=True,
             batch_size=batch_size,
             sync_dist=True,

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
 
+from noprop_lightning.distributed import BlockLayout
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import ExecutionSettings, executor_for
 from noprop_lightning.modules import guards, parallel
-from noprop_lightning.modules.base import NoPropBase
+from noprop_lightning.modules.blockwise import BlockwiseModule
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
 from noprop_lightning.nets import BlockNetwork, ClassifierHead, LabelEmbedding, build_blocks
 from noprop_lightning.nets.embeddings import EmbeddingKind
-from noprop_lightning.objectives import DTBatch, DTObjective, DTSettings
+from noprop_lightning.objectives import BlockStreams, DTBatch, DTObjective, DTSettings
 from noprop_lightning.schedules import CosineSchedule
 from noprop_lightning.settings import check_choice, check_int
 
@@ -22,7 +22,7 @@ BlockOrder = Literal["all", "random"]
 InferenceMode = Literal["stochastic", "deterministic"]
 
 
-class NoPropModule(NoPropBase):
+class NoPropModule(BlockwiseModule):
     """NoProp-DT (Li, Teh & Pascanu, 2025): each block learns to denoise a noisy label.
 
     Training: for a batch ``(x, y)`` every selected block ``t`` gets
@@ -149,10 +149,39 @@ class NoPropModule(NoPropBase):
     @execution.setter
     def execution(self, settings: ExecutionSettings | dict[str, Any]) -> None:
         settings = ExecutionSettings.coerce(settings)
+        if settings.train_blocks is None and settings.train_head:
+            layout = BlockLayout.full(self.num_blocks)
+        else:
+            blocks = (
+                range(self.num_blocks) if settings.train_blocks is None else settings.train_blocks
+            )
+            layout = BlockLayout(
+                self.num_blocks, tuple(blocks), settings.train_head, settings.train_head
+            )
+            if self.block_order == "random":
+                raise ConfigurationError(
+                    "execution.train_blocks / train_head select the blocks a run trains; "
+                    "block_order='random' would need every run's draw: use block_order='all'"
+                )
         self.executor = executor_for(settings)
         self.objective.use_backend(settings.diffusion_backend)
         self._execution = settings
+        self.use_layout(layout)
         self.record_settings(execution=settings)
+
+    def check_block_parallel(self) -> None:
+        """Refuse settings that ``block_parallel`` cannot honour."""
+        if self.block_order == "random":
+            raise ConfigurationError(
+                "strategy 'block_parallel' needs block_order='all': with 'random' the rank "
+                "owning the drawn block would train while the others wait, and every rank "
+                "would need the draw (use strategy 'ddp_find_unused_parameters_true' for it)"
+            )
+        if self.execution.train_blocks is not None or not self.execution.train_head:
+            raise ConfigurationError(
+                "strategy 'block_parallel' assigns the blocks to ranks itself: remove "
+                "execution.train_blocks / train_head (they are for separate one-process jobs)"
+            )
 
     def setup(self, stage: str) -> None:
         """Initialise prototype embeddings from the data module's training images.
@@ -169,25 +198,23 @@ class NoPropModule(NoPropBase):
             )
         super().setup(stage)
 
-    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """One optimizer per block, then one for the head and embedding (the last one)."""
-        groups = [
-            (f"block {t + 1}", list(block.parameters())) for t, block in enumerate(self.blocks)
-        ]
-        shared = list(self.head.parameters())
-        if self.embedding.trainable:
-            shared += list(self.embedding.parameters())
-        return [*groups, ("the head and embedding", shared)]
-
     # ------------------------------------------------------------------ training
-    def draw_noise(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standard normal noise for all block inputs ``(T, B, d)`` and for ``z_T`` ``(B, d)``."""
-        return self.objective.draw_noise(batch_size, self.device)
+    def draw_noise(
+        self, batch_size: int, streams: BlockStreams | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise for all block inputs ``(T, B, d)`` and for ``z_T`` ``(B, d)``.
+
+        Drawn from the per-block random streams of a step (default: the next step's), so a
+        block's noise is the same in any process (see
+        :class:`~noprop_lightning.objectives.BlockStreams`).
+        """
+        streams = self.next_streams() if streams is None else streams
+        return self.objective.draw_noise(batch_size, self.device, streams=streams)
 
     def select_blocks(self) -> list[int]:
         """0-based indices of the blocks to update in this training step."""
         if self.block_order == "all":
-            return list(range(self.num_blocks))
+            return list(self.layout.blocks)
         # Under DDP every process must step the same block, or the weights drift apart.
         return [parallel.same_on_every_rank(self._trainer, int(torch.randint(self.num_blocks, ())))]
 
@@ -207,34 +234,46 @@ class NoPropModule(NoPropBase):
         x, y = self.unpack(batch)
         optimizers = self.optimizer_list()
         block_ids = self.select_blocks()
-        block_noise, final_noise = self.draw_noise(len(y))
+        streams = self.next_streams()
+        block_noise, final_noise = self.draw_noise(len(y), streams)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        # The embedding sees the mean over the blocks updated on this batch, in every process
+        # together: 1/T with block_order 'all' (whichever blocks this process trains).
+        scale = 1.0 / (self.num_blocks if self.block_order == "all" else 1)
+        step = DTBatch(x, y, block_noise, shared_grad_scale=scale, streams=streams)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
         one_backward = parallel.needs_single_backward(self._trainer)
-        step = DTBatch(x, y, block_noise, shared_grad_scale=1.0 / len(block_ids))
+        head = {}
+        if self.layout.head_loss:
+            head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
+        attached = sum(head.values(), torch.zeros((), device=self.device))
+        if head and not one_backward:
+            # First: the shared gradient then sums in the same order however the blocks are
+            # spread (head, then blocks in order), so block_parallel matches one process.
+            self.manual_backward(attached)
         backward = None if one_backward else self.block_backward
         block_losses = self.executor.run(self.blocks, self.objective, step, block_ids, backward)
-        ce, kl = self.objective.head_losses(y, final_noise)
         if one_backward:
-            self.manual_backward(block_losses.sum() + ce + kl)
+            self.manual_backward(block_losses.sum() + attached)
             block_losses = block_losses.detach()
-        else:
-            self.manual_backward(ce + kl)
         # Before any step: a NaN must not reach the weights (or, later, a checkpoint).
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
-        terms = {"head cross-entropy": ce, "KL": kl}
+        names = {"loss_head": "head cross-entropy", "kl": "KL"}
+        terms = {names[k]: v for k, v in head.items()}
         guards.check_finite_losses(self._trainer, {**named, **terms}, self.step_name(batch_idx))
         for t in block_ids:
-            optimizers[t].step()
-        optimizers[-1].step()
+            optimizers[self.layout.optimizer_index(t)].step()
+        if self.layout.shared:
+            optimizers[-1].step()
 
-        total = block_losses.sum() + ce.detach() + kl.detach()
-        logged = {"loss_head": ce, "kl": kl}
-        logged.update(
-            {f"loss_block_{t + 1}": v for t, v in zip(block_ids, block_losses, strict=True)}
-        )
+        by_block = dict(zip(block_ids, block_losses, strict=True))
+        total = block_losses.sum() + attached.detach()
+        if self.spread_over_ranks:
+            self.log_spread_losses(total, by_block, head, len(y))
+            return total
+        logged = {**head, **{f"loss_block_{t + 1}": v for t, v in by_block.items()}}
         self.log_training(total, logged, len(y))
         return total
 

@@ -14,9 +14,10 @@ def needs_single_backward(trainer: L.Trainer | None) -> bool:
 
     True under any parallel strategy (DDP, FSDP, ...), even with one process: DDP's reducer
     accepts one backward per forward, so per-block backward calls must be replaced by one
-    backward of the summed losses (same gradients: blocks share no parameters).
+    backward of the summed losses (same gradients: blocks share no parameters). False
+    under strategies that say ``per_block_backward`` (``block_parallel``: no DDP reducer).
     """
-    if trainer is None:
+    if trainer is None or getattr(trainer.strategy, "per_block_backward", False):
         return False
     return trainer.world_size > 1 or isinstance(trainer.strategy, ParallelStrategy)
 

@@ -25,9 +25,11 @@ from noprop_lightning.objectives.continuous import (
     SamplerSettings,
 )
 from noprop_lightning.objectives.dt import DTBatch, DTObjective, DTSettings, scale_grad
+from noprop_lightning.objectives.streams import BlockStreams, stream_seed
 
 __all__ = [
     "DIFFUSION_BACKENDS",
+    "BlockStreams",
     "CTObjective",
     "CTSettings",
     "ContinuousObjective",
@@ -41,4 +43,5 @@ __all__ = [
     "SamplerSettings",
     "build_diffusion_ops",
     "scale_grad",
+    "stream_seed",
 ]

@@ -8,6 +8,7 @@ blocks, an executor that vectorises them, and a process that owns only some of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -18,6 +19,7 @@ from torch import nn
 
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding, denoise
 from noprop_lightning.objectives.backends import DiffusionBackend, build_diffusion_ops
+from noprop_lightning.objectives.streams import BlockStreams
 from noprop_lightning.schedules import CosineSchedule
 from noprop_lightning.schedules.cosine import select
 from noprop_lightning.settings import Settings, check_number
@@ -57,12 +59,22 @@ class DTBatch(NamedTuple):
             embedding: ``1 / k`` when ``k`` blocks are updated on this batch, so the
             embedding sees the *mean* of their losses (the paper's ``E_t``) while each block
             sees its own loss in full.
+        streams: The step's per-block random streams; an executor that can runs block
+            ``t``'s update inside ``streams.fork(t)`` (its dropout masks). ``None``: the
+            global generator.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     noise: torch.Tensor
     shared_grad_scale: float = 1.0
+    streams: BlockStreams | None = None
+
+    def block_randomness(self, t: int) -> contextlib.AbstractContextManager:
+        """The context in which block ``t``'s update draws its dropout masks."""
+        if self.streams is None:
+            return contextlib.nullcontext()
+        return self.streams.fork(t, self.x.device)
 
 
 def scale_grad(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -153,9 +165,21 @@ class DTObjective(nn.Module):
         batch_size: int,
         device: torch.device | None = None,
         generator: torch.Generator | None = None,
+        streams: BlockStreams | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standard normal noise for all block inputs ``(T, B, d)`` and for ``z_T`` ``(B, d)``."""
+        """Standard normal noise for all block inputs ``(T, B, d)`` and for ``z_T`` ``(B, d)``.
+
+        Args:
+            batch_size: ``B``.
+            device: Where the noise lives.
+            generator: Draw everything from this generator (default: the global one).
+            streams: Draw row ``t`` from block ``t``'s stream and ``z_T``'s noise from stream
+                ``T`` instead: each block's noise is then the same in any process.
+        """
         shape = (self.num_blocks, batch_size, self.embed_dim)
+        if streams is not None:
+            rows = [streams.normal(t, shape[1:], device) for t in range(self.num_blocks)]
+            return torch.stack(rows), streams.normal(self.num_blocks, shape[1:], device)
         block_noise = torch.randn(shape, device=device, generator=generator)
         return block_noise, torch.randn(shape[1:], device=device, generator=generator)
 

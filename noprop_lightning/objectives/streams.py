@@ -1,0 +1,80 @@
+"""Per-block random streams: a block's noise and dropout depend on (seed, block, step) only.
+
+NoProp's blocks are independent, so each can be trained anywhere: with the others in one
+process, on another rank of ``block_parallel``, or in a separate job. That is checkable only
+if a block's randomness is its own: :class:`BlockStreams` gives block ``t`` (and the head,
+stream ``T``) a generator seeded by ``(seed, t, step)``, whatever else runs before it.
+
+- The noisy inputs ``z_t`` come from :meth:`BlockStreams.normal`.
+- Dropout draws from torch's global generator; :meth:`BlockStreams.fork` seeds it with the
+  block's stream for the block's update and restores it afterwards, so the global stream
+  (data shuffling, inference noise) is the same whichever blocks a process trains. The
+  sequential executor forks per block; the threaded and fused executors cannot (threads share
+  the global generator, and ``vmap`` draws its own masks), so their dropout masks come from
+  the global stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer ``keys`` (splitmix64; the same on every machine)."""
+    state = 0
+    for key in keys:
+        state = _splitmix64(state ^ (int(key) & _MASK64))
+    return state >> 1
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """The random streams of one training step: stream ``t`` for block ``t``, ``T`` for the head.
+
+    Attributes:
+        seed: The run's seed (the same in every process and job of one training).
+        step: The training step (batch) counter, counted identically everywhere.
+    """
+
+    seed: int
+    step: int
+
+    def generator(self, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A fresh generator for ``stream`` on ``device``, seeded by (seed, stream, step)."""
+        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, stream, self.step))
+
+    def normal(
+        self, stream: int, shape: tuple[int, ...], device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Standard normal draws of ``shape`` from ``stream``."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return torch.randn(shape, generator=self.generator(stream, device), device=device)
+
+    @contextlib.contextmanager
+    def fork(self, stream: int, device: torch.device | None = None) -> Iterator[None]:
+        """Seed the global generator (of the CPU and ``device``) with ``stream`` inside the block.
+
+        The global state is saved before and restored after, so what runs outside sees the
+        same global stream as if the block had not run.
+        """
+        devices = [device] if device is not None and device.type == "cuda" else []
+        seed = stream_seed(self.seed, stream, self.step, 1)
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)
+            for cuda in devices:
+                with torch.cuda.device(cuda):
+                    torch.cuda.manual_seed(seed)
+            yield

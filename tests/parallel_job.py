@@ -1,0 +1,158 @@
+"""One training job of the block-parallel tests (a script: Lightning's DDP launcher re-runs it
+once per extra rank with the same arguments).
+
+    python tests/parallel_job.py OUT_DIR --devices 2 --strategy block_parallel [...]
+
+Trains a tiny NoProp-DT model on a fixed synthetic dataset whose order comes from one seeded
+``DistributedSampler`` (so every layout sees the same batches), counts the bytes handed to
+torch.distributed collectives during each training step, and writes per rank
+``OUT_DIR/rank<r>.pt``: the final state dict, the bytes per step, the test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from noprop_lightning import NoPropModule  # noqa: E402
+
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "broadcast_object_list",
+    "all_gather_object",
+    "gather_object",
+)
+
+
+def payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes of the tensors (or, for ``*_object*`` collectives, pickled objects) handed over."""
+    if "object" in name:
+        return len(pickle.dumps(args[:2]))
+    total = 0
+    for value in (*args, *kwargs.values()):
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+    return total
+
+
+class CollectiveCounter(L.Callback):
+    """Wraps every torch.distributed collective; records (op, bytes) per training step."""
+
+    def __init__(self) -> None:
+        self.in_step = False
+        self.steps: list[list[tuple[str, int]]] = []
+
+    def setup(self, trainer, pl_module, stage):
+        for name in COLLECTIVES:
+            original = getattr(dist, name)
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                if self.in_step:
+                    self.steps[-1].append((_name, payload_bytes(_name, args, kwargs)))
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append([])
+        self.in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.in_step = False
+
+
+def data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--execution", default="{}", help="execution settings as JSON")
+    parser.add_argument("--embedding", default="onehot")
+    parser.add_argument("--ckpt_path", default=None)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    L.seed_everything(7, verbose=False)
+    model = NoPropModule(
+        num_classes=4,
+        in_channels=1,
+        image_size=8,
+        num_blocks=3,
+        embedding=args.embedding,
+        embed_dim=None if args.embedding == "onehot" else 5,
+        network={"channels": (4, 4, 4), "hidden": 16, "dropout": args.dropout},
+        inference="deterministic",
+        execution=json.loads(args.execution),
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+    )
+    train = data(48, 0)
+    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=3)
+    counter = CollectiveCounter()
+    checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[counter, checkpoint],
+    )
+    trainer.fit(
+        model,
+        DataLoader(train, batch_size=8, sampler=sampler),
+        DataLoader(data(16, 1), batch_size=8),
+        ckpt_path=args.ckpt_path,
+    )
+    (result,) = trainer.test(model, DataLoader(data(32, 2), batch_size=8), verbose=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "steps": counter.steps,
+            "test_acc": result["test/acc"],
+            "world_size": trainer.world_size,
+            "optimizers": len(trainer.optimizers),
+            "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        },
+        args.out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
