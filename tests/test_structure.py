@@ -36,6 +36,7 @@ FLOORS = {
     "diffusion": 6,  # the pre-0.2 names, re-exported
     "cli": 6,
     "compare": 7,
+    "merge": 7,
     "__init__": 8,
 }
 

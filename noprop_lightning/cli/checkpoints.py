@@ -27,7 +27,7 @@ def is_special_ckpt_path(path: str) -> bool:
     return path in SPECIAL_CKPT_PATHS or path.startswith("registry:") or "://" in path
 
 
-def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+def read_checkpoint_header(path: str | Path, option: str = "--ckpt_path") -> dict[str, Any]:
     """Check that a checkpoint file exists and is intact; return it loaded on the CPU.
 
     A Lightning checkpoint is a zip archive (``torch.save``); its CRCs are verified before
@@ -35,6 +35,7 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
 
     Args:
         path: The checkpoint file.
+        option: What the path was given as, for the message.
 
     Returns:
         The checkpoint dictionary, loaded with ``weights_only=True``.
@@ -45,8 +46,8 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"--ckpt_path {path} does not exist or is not a file. Point it at a .ckpt file, "
-            "e.g. lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run to resume."
+            f"{option} {path} does not exist or is not a file. Point it at a .ckpt file, e.g. "
+            "lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run."
         )
     damaged = None
     try:

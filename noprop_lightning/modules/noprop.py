@@ -158,6 +158,11 @@ class NoPropModule(BlockwiseModule):
             layout = BlockLayout(
                 self.num_blocks, tuple(blocks), settings.train_head, settings.train_head
             )
+            if not layout.blocks and not layout.shared:
+                raise ConfigurationError(
+                    "execution.train_blocks is empty and train_head is false: this run would "
+                    "train nothing; name the blocks it trains (0-based), or train the head"
+                )
             if self.block_order == "random":
                 raise ConfigurationError(
                     "execution.train_blocks / train_head select the blocks a run trains; "

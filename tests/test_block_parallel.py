@@ -1,0 +1,280 @@
+"""Block-parallel training, separately trained block jobs and their merge.
+
+The multi-process runs (``tests/parallel_job.py``: Lightning's DDP launcher, gloo on CPU, a
+tiny T=3 model, one seeded sampler for every layout) take about a minute in all. Tolerance:
+none; the parameters, buffers and optimizer states are compared bit for bit. With 2 ranks the
+arithmetic allows it: every block sees the same batches, noise and dropout masks (per-block
+streams), and the shared gradient is summed in the same order (head, then blocks in order) in
+one process and across the two ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from noprop_lightning import NoPropModule
+from noprop_lightning.distributed import (
+    BlockLayout,
+    BlockParallelStrategy,
+    canonicalize,
+    localize,
+    split_blocks,
+)
+from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.merge import main as merge_main
+from noprop_lightning.merge import merge_checkpoints
+from tests.helpers import TINY
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tests" / "parallel_job.py"
+BLOCK_PARALLEL = ["--devices", "2", "--strategy", "block_parallel"]
+
+
+def run_job(out: Path, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(JOB), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=out.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def load(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+def equal(a, b) -> bool:
+    """Exact equality of nested checkpoint structures (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def ckpt(out: Path) -> dict:
+    return torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every layout of one training: one process, 2 ranks, two jobs; 2 and 4 epochs."""
+    root = tmp_path_factory.mktemp("layouts")
+    run_job(root / "single")
+    run_job(root / "single4", "--epochs", "4")
+    run_job(root / "bp", *BLOCK_PARALLEL)
+    run_job(root / "jobA", "--execution", json.dumps({"train_blocks": [0, 1]}))
+    run_job(root / "jobB", "--execution", json.dumps({"train_blocks": [2], "train_head": False}))
+    return root
+
+
+def test_block_parallel_matches_one_process_bit_for_bit(runs):
+    single = load(runs / "single")
+    for rank in (0, 1):
+        bp = load(runs / "bp", rank)
+        assert bp["world_size"] == 2
+        assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
+        assert bp["test_acc"] == single["test_acc"]
+    # Rank 0 owns blocks 0, 1 and the head; rank 1 block 2: optimizers only for those.
+    assert (load(runs / "bp", 0)["optimizers"], load(runs / "bp", 1)["optimizers"]) == (3, 1)
+    assert single["optimizers"] == 4
+    # The checkpoint written by 2 ranks is the one-process checkpoint: weights and all T + 1
+    # optimizer states, gathered from their owners.
+    bp_ckpt, single_ckpt = ckpt(runs / "bp"), ckpt(runs / "single")
+    assert equal(bp_ckpt["state_dict"], single_ckpt["state_dict"])
+    assert equal(bp_ckpt["optimizer_states"], single_ckpt["optimizer_states"])
+    assert len(bp_ckpt["optimizer_states"]) == 4
+
+
+def test_training_steps_communicate_nothing_of_the_blocks(runs):
+    """Fixed (one-hot) embedding: the head is rank 0's, so a step sends only the NaN check."""
+    for rank in (0, 1):
+        steps = load(runs / "bp", rank)["steps"]
+        assert len(steps) == 12  # 2 epochs x 6 batches
+        assert all(step == [("all_reduce", 8)] for step in steps), steps[:2]
+    assert all(step == [] for step in load(runs / "single")["steps"])
+
+
+def test_learned_embedding_syncs_only_the_shared_gradients(tmp_path):
+    run_job(tmp_path / "single", "--embedding", "learned")
+    run_job(tmp_path / "bp", "--embedding", "learned", *BLOCK_PARALLEL)
+    single = load(tmp_path / "single")
+    # head: Linear(5, 4) = 24 values, embedding 4 x 5 = 20: 44 float32 = 176 bytes per step.
+    shared_bytes = 4 * (5 * 4 + 4 + 4 * 5)
+    for rank in (0, 1):
+        bp = load(tmp_path / "bp", rank)
+        assert all(s == [("all_reduce", 8), ("all_reduce", shared_bytes)] for s in bp["steps"])
+        assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
+
+
+def test_separate_jobs_merge_into_the_one_process_model(runs, tmp_path):
+    single = load(runs / "single")
+    for job, prefixes in (
+        ("jobA", ("blocks.0.", "blocks.1.", "objective.")),
+        ("jobB", ("blocks.2.",)),
+    ):
+        state = load(runs / job)["state_dict"]
+        trained = [k for k in state if k.startswith(prefixes)]
+        assert trained and all(torch.equal(state[k], single["state_dict"][k]) for k in trained)
+    assert load(runs / "jobA")["optimizers"] == 3 and load(runs / "jobB")["optimizers"] == 1
+    out = tmp_path / "merged.ckpt"
+    jobs = [str(runs / j / "ckpt" / "last.ckpt") for j in ("jobA", "jobB")]
+    assert merge_main([*jobs, "--out", str(out)]) == 0
+    merged = torch.load(out, weights_only=True)
+    single_ckpt = ckpt(runs / "single")
+    assert equal(merged["state_dict"], single_ckpt["state_dict"])
+    assert equal(merged["optimizer_states"], single_ckpt["optimizer_states"])
+    model = NoPropModule.load_from_checkpoint(out)
+    assert model.layout.is_full
+    # The merged model's test accuracy is the one-process model's.
+    sys.path.insert(0, str(JOB.parent))
+    from parallel_job import data
+
+    x, y = data(32, 2).tensors
+    acc = float((model.eval().predict_logits(x).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(single["test_acc"])
+
+
+def test_resume_across_layouts_is_exact(runs):
+    """A 2-rank checkpoint resumes in 1 process, and a 1-process one on 2 ranks, to the
+    same parameters as 4 epochs without a stop."""
+    straight = load(runs / "single4")["state_dict"]
+    bp_ckpt, single_ckpt = (
+        runs / "bp" / "ckpt" / "last.ckpt",
+        runs / "single" / "ckpt" / "last.ckpt",
+    )
+    run_job(runs / "bp_to_1", "--epochs", "4", "--ckpt_path", str(bp_ckpt))
+    run_job(runs / "1_to_bp", "--epochs", "4", "--ckpt_path", str(single_ckpt), *BLOCK_PARALLEL)
+    assert equal(load(runs / "bp_to_1")["state_dict"], straight)
+    for rank in (0, 1):
+        assert equal(load(runs / "1_to_bp", rank)["state_dict"], straight), f"rank {rank}"
+
+
+# ---------------------------------------------------------------------- merge refusals
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (
+            ["--execution", '{"train_blocks": [1, 2], "train_head": false}'],
+            "block 1 was trained twice",
+        ),
+        (["--execution", '{"train_blocks": [2]}'], "the shared head/embedding was trained twice"),
+        (
+            ["--execution", '{"train_blocks": [2], "train_head": false}', "--dropout", "0.3"],
+            "other model settings (network.dropout: 0.1 vs 0.3)",
+        ),
+        (
+            ["--execution", '{"train_blocks": [2], "train_head": false}', "--epochs", "1"],
+            "at epoch 1",
+        ),
+    ],
+    ids=["overlap", "two-heads", "other-config", "other-epoch"],
+)
+def test_merge_refuses_what_would_not_be_one_model(runs, tmp_path, other, message):
+    run_job(tmp_path / "job", *other)
+    jobs = [runs / "jobA" / "ckpt" / "last.ckpt", tmp_path / "job" / "ckpt" / "last.ckpt"]
+    with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):
+        merge_checkpoints(jobs)
+
+
+def test_merge_refuses_a_missing_block(runs, tmp_path):
+    run_job(tmp_path / "job", "--execution", '{"train_blocks": [0]}')
+    jobs = [runs / "jobB" / "ckpt" / "last.ckpt", tmp_path / "job" / "ckpt" / "last.ckpt"]
+    with pytest.raises(Exception, match="no checkpoint trained block 1"):
+        merge_checkpoints(jobs)
+
+
+def test_merge_refuses_an_embedding_the_jobs_did_not_share(tmp_path):
+    learned = ["--embedding", "learned"]
+    run_job(tmp_path / "a", *learned, "--execution", '{"train_blocks": [0, 1]}')
+    run_job(tmp_path / "b", *learned, "--execution", '{"train_blocks": [2], "train_head": false}')
+    jobs = [tmp_path / j / "ckpt" / "last.ckpt" for j in ("a", "b")]
+    with pytest.raises(Exception, match="label embedding differs"):
+        merge_checkpoints(jobs)
+
+
+def test_merge_command_line_errors(tmp_path, capsys):
+    assert merge_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.ckpt"), "--out", "m"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- strategy refusals
+def test_more_ranks_than_blocks_is_a_clear_cli_error(tmp_path):
+    args = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--model.init_args.num_blocks=1",
+        "--trainer.strategy=block_parallel",
+        "--trainer.devices=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "T=1 blocks were to be split over 2 processes" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unsupported_settings_are_refused():
+    with pytest.raises(ConfigurationError, match="block_order='all'"):
+        NoPropModule(**TINY, num_blocks=3, block_order="random").check_block_parallel()
+    jobs = NoPropModule(**TINY, num_blocks=3, execution={"train_blocks": [0]})
+    with pytest.raises(ConfigurationError, match="assigns the blocks to ranks itself"):
+        jobs.check_block_parallel()
+    with pytest.raises(ConfigurationError, match="block_order='random' would need"):
+        NoPropModule(**TINY, num_blocks=3, block_order="random", execution={"train_blocks": [0]})
+    with pytest.raises(ConfigurationError, match="distinct block indices in 0..2"):
+        NoPropModule(**TINY, num_blocks=3, execution={"train_blocks": [0, 3]})
+    with pytest.raises(ConfigurationError, match="would train nothing"):
+        NoPropModule(**TINY, num_blocks=3, execution={"train_blocks": [], "train_head": False})
+
+
+def test_strategy_is_registered_by_name():
+    trainer = L.Trainer(strategy="block_parallel", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, BlockParallelStrategy)
+    assert trainer.strategy.distributed_sampler_kwargs == {"num_replicas": 1, "rank": 0}
+
+
+# ---------------------------------------------------------------------- layout arithmetic
+def test_blocks_split_into_balanced_contiguous_shares():
+    assert split_blocks(10, 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert split_blocks(4, 4) == [[0], [1], [2], [3]]
+    shares = split_blocks(10, 4)
+    assert sorted(t for s in shares for t in s) == list(range(10))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ConfigurationError, match="at least one block per process"):
+        split_blocks(3, 4)
+
+
+def test_canonical_checkpoint_entries_round_trip():
+    layout = BlockLayout(4, (1, 3), shared=False, head_loss=False)
+    checkpoint = {"optimizer_states": ["b1", "b3"], "lr_schedulers": []}
+    canonicalize(checkpoint, layout, lambda i, entry: f"fresh{i}")
+    assert checkpoint["optimizer_states"] == ["fresh0", "b1", "fresh2", "b3", "fresh4"]
+    assert checkpoint["lr_schedulers"] == []
+    assert checkpoint["noprop_block_layout"] == {"num_blocks": 4, "blocks": [1, 3], "shared": False}
+    localize(checkpoint, BlockLayout(4, (0, 1), shared=True, head_loss=True))
+    assert checkpoint["optimizer_states"] == ["fresh0", "b1", "fresh4"]
