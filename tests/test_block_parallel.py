@@ -278,3 +278,34 @@ def test_canonical_checkpoint_entries_round_trip():
     assert checkpoint["noprop_block_layout"] == {"num_blocks": 4, "blocks": [1, 3], "shared": False}
     localize(checkpoint, BlockLayout(4, (0, 1), shared=True, head_loss=True))
     assert checkpoint["optimizer_states"] == ["fresh0", "b1", "fresh4"]
+
+
+@pytest.fixture
+def one_process_group():
+    """Undo what a 1-process distributed fit leaves behind (env variables, process group)."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def test_modules_without_blocks_are_refused(one_process_group):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from noprop_lightning import BackpropModule
+    from tests.helpers import tiny_batch
+
+    trainer = L.Trainer(
+        strategy="block_parallel",
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    loader = DataLoader(TensorDataset(*tiny_batch(16)), batch_size=8)
+    with pytest.raises(ConfigurationError, match="BackpropModule has no blocks to spread"):
+        trainer.fit(BackpropModule(**TINY, num_blocks=2), loader)
