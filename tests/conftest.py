@@ -49,3 +49,14 @@ def fake_cifar10_dir(tmp_path: Path, patch_cifar_integrity: None) -> Path:
 def fake_cifar100_dir(tmp_path: Path, patch_cifar_integrity: None) -> Path:
     """A data_dir holding fake CIFAR-100 pickles (64 train, 32 test images)."""
     return write_fake_cifar100(tmp_path / "data")
+
+
+@pytest.fixture
+def single_process_ddp():
+    """Undo what a 1-process DDP fit leaves behind (env variables, process group)."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)

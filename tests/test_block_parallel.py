@@ -280,18 +280,7 @@ def test_canonical_checkpoint_entries_round_trip():
     assert checkpoint["optimizer_states"] == ["fresh0", "b1", "fresh4"]
 
 
-@pytest.fixture
-def one_process_group():
-    """Undo what a 1-process distributed fit leaves behind (env variables, process group)."""
-    env = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-
-
-def test_modules_without_blocks_are_refused(one_process_group):
+def test_modules_without_blocks_are_refused(single_process_ddp):
     from torch.utils.data import DataLoader, TensorDataset
 
     from noprop_lightning import BackpropModule

@@ -413,17 +413,6 @@ def test_nan_loss_via_cli(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- DDP misuse
-@pytest.fixture
-def single_process_ddp():
-    """Undo what a 1-process DDP fit leaves behind (env variables, process group)."""
-    env = dict(os.environ)
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-
-
 def test_random_block_order_under_ddp_needs_unused_parameter_detection(single_process_ddp):
     module = NoPropModule(**TINY, num_blocks=3, block_order="random")
     trainer = L.Trainer(
