@@ -60,3 +60,11 @@ def single_process_ddp():
         torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(env)
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_from_an_earlier_test(monkeypatch):
+    """``seed_everything`` leaves ``PL_GLOBAL_SEED`` in the environment, and the modules take
+    their run seed from it: without this, a test's random streams would depend on which
+    tests ran before it."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)

@@ -60,12 +60,28 @@ def test_plateau_without_validation_is_a_clear_error():
         trainer.fit(module, tiny_loader(n=16))
 
 
-def test_schedulers_are_named_after_their_optimizer():
-    module = MODULES["dt"](scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
-    trainer = tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
+@pytest.mark.parametrize("scheduled", [True, False], ids=["scheduler", "none"])
+def test_learning_rates_are_logged_per_block_with_padded_tags(tmp_path, scheduled):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    step_lr = (lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1)) if scheduled else None
+    module = NoPropModule(**TINY, num_blocks=10, scheduler=step_lr)
+    monitor = LearningRateMonitor()
+    trainer = tiny_trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        callbacks=[monitor],
+    )
     trainer.fit(module, tiny_loader(n=16))
-    names = [c.name for c in trainer.lr_scheduler_configs]
-    assert names == ["lr-block_1", "lr-block_2", "lr-the_head_and_embedding"]
+    names = list(monitor.lrs)
+    assert len(names) == 11
+    assert all(name.endswith(f"/block_{t:02d}") for t, name in zip(range(1, 11), names))
+    assert names[-1].endswith("/head")
+    if scheduled:
+        assert names[:2] == ["lr/block_01", "lr/block_02"]
 
 
 class ModuleLevelEncoder(nn.Module):

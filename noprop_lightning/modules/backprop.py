@@ -10,7 +10,12 @@ from torch import nn
 
 from noprop_lightning.modules import guards
 from noprop_lightning.modules.base import ClassifierModule
-from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
+from noprop_lightning.modules.optim import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    OptimizerGroup,
+    paper_adamw,
+)
 from noprop_lightning.nets import (
     BlockNetwork,
     ClassifierHead,
@@ -157,9 +162,9 @@ class BackpropModule(ClassifierModule):
             self._trainer, getattr(self.net, "embedding", None), getattr(self.net, "head", None)
         )
 
-    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+    def optimizer_groups(self) -> list[OptimizerGroup]:
         """A single optimizer over all parameters."""
-        return [("the model", list(self.parameters()))]
+        return [OptimizerGroup("the model", None, list(self.parameters()))]
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -9,7 +10,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
@@ -18,11 +18,17 @@ from noprop_lightning.modules import guards
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
+    OptimizerGroup,
     build_optimizer,
     scheduler_config,
 )
-from noprop_lightning.nets import ClassifierHead, LabelEmbedding
+from noprop_lightning.objectives.streams import stream_seed
 from noprop_lightning.settings import Settings, check_int
+
+#: Checkpoint key of the run's seed.
+RUN_SEED_KEY = "noprop_run_seed"
+#: Stream keys of the evaluation stages (distinct from any block index).
+EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
 
 
 class ClassifierModule(L.LightningModule):
@@ -30,7 +36,7 @@ class ClassifierModule(L.LightningModule):
 
     Subclasses supply the networks and three things:
 
-    - :meth:`optimizer_groups`: ``(name, parameters)`` per optimizer (one per NoProp-DT block
+    - :meth:`optimizer_groups`: one :class:`OptimizerGroup` per optimizer (one per NoProp-DT block
       plus one for the shared head and embedding; one in all for the other methods). This
       class builds the optimizers and their LR schedulers (stepped per epoch; a
       ``ReduceLROnPlateau`` watches :attr:`scheduler_monitor`, also under manual optimization,
@@ -90,26 +96,26 @@ class ClassifierModule(L.LightningModule):
             self._hparams_initial[name] = value.to_hparams()
 
     # ------------------------------------------------------------------ optimizers
-    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """``(name, parameters)`` of each optimizer, in the order of ``self.optimizers()``."""
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """The parameters of each optimizer, in the order of ``self.optimizers()``."""
         raise NotImplementedError
 
     def configure_optimizers(self) -> Any:
         """One optimizer per :meth:`optimizer_groups` entry, each with its scheduler if any."""
         groups = self.optimizer_groups()
         optimizers = [
-            build_optimizer(self.optimizer_factory, params, owner) for owner, params in groups
+            build_optimizer(self.optimizer_factory, g.params, g.owner, g.tag) for g in groups
         ]
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
         configs = [
             scheduler_config(
                 self.scheduler_factory(opt),
-                f"lr-{owner.replace(' ', '_')}",
+                None if group.tag is None else "lr",
                 self.scheduler_monitor,
                 self.automatic_optimization,
             )
-            for (owner, _), opt in zip(groups, optimizers, strict=True)
+            for group, opt in zip(groups, optimizers, strict=True)
         ]
         if len(optimizers) == 1:
             return {"optimizer": optimizers[0], "lr_scheduler": configs[0]}
@@ -202,6 +208,40 @@ class ClassifierModule(L.LightningModule):
         self.val_acc.reset()
 
     # ------------------------------------------------------------------ inference
+    #: The random stream of stochastic inference during a validation, test or predict epoch
+    #: (``None`` outside one: the global generator).
+    eval_generator: torch.Generator | None = None
+
+    def start_eval_stream(self, stage: str) -> None:
+        """Seed the inference noise of an evaluation epoch from the run's seed and ``stage``.
+
+        So a stochastic model gives the same test accuracy after ``fit`` and in a standalone
+        ``test`` of the same checkpoint, and evaluating draws nothing from the global
+        generator (training's random streams do not depend on how often it validates).
+        """
+        seed = self._run_seed if self._run_seed is not None else self.default_seed()
+        generator = torch.Generator(device=self.device)
+        self.eval_generator = generator.manual_seed(stream_seed(seed, EVAL_STREAMS[stage]))
+
+    def on_validation_epoch_start(self) -> None:
+        """Seed the validation epoch's inference noise (see :meth:`start_eval_stream`)."""
+        self.start_eval_stream("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Seed the test epoch's inference noise (see :meth:`start_eval_stream`)."""
+        self.start_eval_stream("test")
+
+    def on_predict_epoch_start(self) -> None:
+        """Seed the predict epoch's inference noise (see :meth:`start_eval_stream`)."""
+        self.start_eval_stream("predict")
+
+    def on_validation_epoch_end(self) -> None:
+        """Back to the global generator outside evaluation."""
+        self.eval_generator = None
+
+    on_test_epoch_end = on_validation_epoch_end
+    on_predict_epoch_end = on_validation_epoch_end
+
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)`` for images ``x``; must not use labels."""
         raise NotImplementedError
@@ -238,8 +278,13 @@ class ClassifierModule(L.LightningModule):
         return {name: getattr(self, name) for name in guards.SHAPE_NAMES}
 
     def on_fit_start(self) -> None:
-        """Refuse a data module whose classes or image shape differ from the model's."""
+        """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
         guards.check_datamodule_matches(self._trainer, self.shape_values())
+        if self._run_seed is None:
+            seed = self.default_seed()
+            if self._trainer is not None and self.trainer.world_size > 1:
+                seed = int(self.trainer.strategy.broadcast(seed, src=0))
+            self._run_seed = seed
 
     def on_test_start(self) -> None:
         """Refuse a data module whose classes or image shape differ from the model's."""
@@ -251,7 +296,22 @@ class ClassifierModule(L.LightningModule):
             guards.check_labels(batch, self.num_classes)
         return batch
 
+    # ------------------------------------------------------------------ the run's seed
+    #: The seed of the run's own random streams (inference noise, NoProp's per-block
+    #: streams); fixed at the first ``fit`` and kept in checkpoints.
+    _run_seed: int | None = None
+
+    @staticmethod
+    def default_seed() -> int:
+        """``seed_everything``'s seed (``PL_GLOBAL_SEED``), else torch's initial seed."""
+        env = os.environ.get("PL_GLOBAL_SEED")
+        return int(env) if env is not None else int(torch.initial_seed())
+
     # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the run's seed with the weights."""
+        checkpoint[RUN_SEED_KEY] = self._run_seed
+
     def configure_callbacks(self) -> list[Callback]:
         """Save and restore the global RNG states with every checkpoint (exact resume).
 
@@ -271,41 +331,5 @@ class ClassifierModule(L.LightningModule):
                 structural hyper-parameters (``T``, embedding, sizes) or parameter shapes.
         """
         check_checkpoint_matches(self, checkpoint, self.structural_hparams)
-
-
-class NoPropBase(ClassifierModule):
-    """A module whose shared parts (label embedding, head, schedule) live in :attr:`objective`.
-
-    The objective is one of :mod:`noprop_lightning.objectives`; the networks it trains are
-    the module's own (``blocks`` or ``net``).
-    """
-
-    objective: nn.Module
-
-    @property
-    def embedding(self) -> LabelEmbedding:
-        """The label embedding ``W_embed`` (owned by :attr:`objective`)."""
-        return self.objective.embedding
-
-    @property
-    def embed_dim(self) -> int:
-        """The label embedding dimension ``d``."""
-        return self.objective.embedding.dim
-
-    def setup(self, stage: str) -> None:
-        """Initialise prototype embeddings (and the head that reads them) from training images."""
-        head = getattr(self.objective, "head", None)
-        reader = head if isinstance(head, ClassifierHead) else None
-        guards.init_prototypes_from_data(self._trainer, self.embedding, reader)
-
-
-def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
-    """Parameters that require gradients, from several modules, without duplicates."""
-    seen: set[int] = set()
-    params = []
-    for module in modules:
-        for p in module.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
+        if checkpoint.get(RUN_SEED_KEY) is not None:
+            self._run_seed = int(checkpoint[RUN_SEED_KEY])

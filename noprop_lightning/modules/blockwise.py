@@ -11,7 +11,6 @@ and, when the blocks are spread over ranks, logs the losses without per-step com
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ from torch import nn
 
 from noprop_lightning.distributed import BlockLayout, canonicalize, localize
 from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.modules.base import NoPropBase
-from noprop_lightning.modules.optim import build_optimizer
+from noprop_lightning.modules.noprop_base import NoPropBase
+from noprop_lightning.modules.optim import OptimizerGroup, build_optimizer
 from noprop_lightning.objectives import BlockStreams
 
 #: Checkpoint key of the per-block random streams' seed and step counter.
@@ -37,7 +36,6 @@ class BlockwiseModule(NoPropBase):
     blocks: nn.ModuleList
     _layout: BlockLayout
     _assigned = False
-    _stream_seed: int | None = None
     _stream_step = 0
 
     # ------------------------------------------------------------------ layout
@@ -69,12 +67,23 @@ class BlockwiseModule(NoPropBase):
         """Whether the embedding is trained (the head always is)."""
         return bool(self.objective.embedding.trainable)
 
-    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+    def optimizer_groups(self) -> list[OptimizerGroup]:
         """One optimizer per trained block, then one for the head and embedding (if stepped)."""
-        groups = [(f"block {t + 1}", list(self.blocks[t].parameters())) for t in self.layout.blocks]
+        groups = [self.canonical_group(t) for t in self.layout.blocks]
         if self.layout.shared:
-            groups.append(("the head and embedding", self.shared_parameters()))
+            groups.append(self.canonical_group(len(self.blocks)))
         return groups
+
+    def canonical_group(self, index: int) -> OptimizerGroup:
+        """The optimizer group of block ``index`` (``T``: the head and embedding)."""
+        if index == len(self.blocks):
+            return OptimizerGroup("the head and embedding", "head", self.shared_parameters())
+        params = list(self.blocks[index].parameters())
+        return OptimizerGroup(f"block {index + 1}", f"block_{self.block_tag(index)}", params)
+
+    def block_tag(self, t: int) -> str:
+        """Block ``t`` (0-based) as a 1-based, zero-padded tag: ``"03"`` of ``T = 10``."""
+        return f"{t + 1:0{len(str(len(self.blocks)))}d}"
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The head's parameters and, if trainable, the embedding's."""
@@ -84,21 +93,11 @@ class BlockwiseModule(NoPropBase):
         return params
 
     # ------------------------------------------------------------------ random streams
-    def on_fit_start(self) -> None:
-        """Fix the seed of the per-block random streams (the same on every rank and job)."""
-        super().on_fit_start()
-        if self._stream_seed is None:
-            env = os.environ.get("PL_GLOBAL_SEED")
-            seed = int(env) if env is not None else int(torch.initial_seed())
-            if self._trainer is not None and self.trainer.world_size > 1:
-                seed = int(self.trainer.strategy.broadcast(seed, src=0))
-            self._stream_seed = seed
-
     def next_streams(self) -> BlockStreams:
         """The random streams of this training step; advances the step counter."""
-        if self._stream_seed is None:  # a step outside fit (tests): seed as fit would
-            self._stream_seed = int(torch.initial_seed())
-        streams = BlockStreams(self._stream_seed, self._stream_step)
+        if self._run_seed is None:  # a step outside fit (tests): seed as fit would
+            self._run_seed = self.default_seed()
+        streams = BlockStreams(self._run_seed, self._stream_step)
         self._stream_step += 1
         return streams
 
@@ -106,7 +105,7 @@ class BlockwiseModule(NoPropBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the stream state and the optimizer states in the canonical layout."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[STREAMS_KEY] = {"seed": self._stream_seed, "step": self._stream_step}
+        checkpoint[STREAMS_KEY] = {"seed": self._run_seed, "step": self._stream_step}
         canonicalize(checkpoint, self.layout, self._fresh_state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -114,16 +113,13 @@ class BlockwiseModule(NoPropBase):
         super().on_load_checkpoint(checkpoint)
         streams = checkpoint.get(STREAMS_KEY)
         if streams is not None:
-            self._stream_seed, self._stream_step = streams["seed"], int(streams["step"])
+            self._stream_step = int(streams["step"])
         localize(checkpoint, self.layout)
 
     def _fresh_state(self, index: int, entry: str) -> dict[str, Any]:
         """The state of a never-stepped optimizer (or its scheduler) for canonical ``index``."""
-        if index == len(self.blocks):
-            params, owner = self.shared_parameters(), "the head and embedding"
-        else:
-            params, owner = list(self.blocks[index].parameters()), f"block {index + 1}"
-        optimizer = build_optimizer(self.optimizer_factory, params, owner)
+        group = self.canonical_group(index)
+        optimizer = build_optimizer(self.optimizer_factory, group.params, group.owner, group.tag)
         if entry == "lr_schedulers":
             if self.scheduler_factory is None:
                 raise ConfigurationError("a checkpoint lists LR schedulers but none is configured")
@@ -152,7 +148,7 @@ class BlockwiseModule(NoPropBase):
         ranks = self.trainer.world_size
         zero = torch.zeros((), device=self.device)
         terms = {
-            f"loss_block_{t + 1}": by_block[t] * ranks if t in by_block else zero
+            f"loss_block_{self.block_tag(t)}": by_block[t] * ranks if t in by_block else zero
             for t in range(len(self.blocks))
         }
         for name in ("loss_head", "kl"):

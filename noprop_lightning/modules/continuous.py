@@ -22,8 +22,13 @@ import torch
 from torch import nn
 
 from noprop_lightning.modules import guards
-from noprop_lightning.modules.base import NoPropBase, trainable_parameters
-from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adam
+from noprop_lightning.modules.noprop_base import NoPropBase, trainable_parameters
+from noprop_lightning.modules.optim import (
+    LRSchedulerCallable,
+    OptimizerCallable,
+    OptimizerGroup,
+    paper_adam,
+)
 from noprop_lightning.nets import LabelEmbedding, TimeConditionedBlock, TimeNetwork
 from noprop_lightning.nets.embeddings import EmbeddingKind
 from noprop_lightning.objectives import (
@@ -113,9 +118,9 @@ class ContinuousNoPropModule(NoPropBase):
         """``"euler"`` or ``"heun"``."""
         return self._inference.sampler
 
-    def optimizer_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+    def optimizer_groups(self) -> list[OptimizerGroup]:
         """One optimizer over every trainable parameter."""
-        return [("the model", trainable_parameters(self))]
+        return [OptimizerGroup("the model", None, trainable_parameters(self))]
 
     # ------------------------------------------------------------------ training
     def losses(self, x: torch.Tensor, y: torch.Tensor, *args: Any) -> dict[str, torch.Tensor]:
@@ -129,7 +134,8 @@ class ContinuousNoPropModule(NoPropBase):
     # ------------------------------------------------------------------ inference
     def start_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         """``z_0`` as ``inference.start`` says: zeros or ``N(0, I)`` draws."""
-        return self.objective.start_state(batch_size, device, self._inference.start)
+        start = self._inference.start
+        return self.objective.start_state(batch_size, device, start, self.eval_generator)
 
     def sample(
         self,

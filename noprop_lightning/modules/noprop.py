@@ -278,7 +278,7 @@ class NoPropModule(BlockwiseModule):
         if self.spread_over_ranks:
             self.log_spread_losses(total, by_block, head, len(y))
             return total
-        logged = {**head, **{f"loss_block_{t + 1}": v for t, v in by_block.items()}}
+        logged = {**head, **{f"loss_block_{self.block_tag(t)}": v for t, v in by_block.items()}}
         self.log_training(total, logged, len(y))
         return total
 
@@ -314,4 +314,5 @@ class NoPropModule(BlockwiseModule):
         """
         if deterministic is None:
             deterministic = self.inference == "deterministic"
-        return self.objective.classify(self.objective.sample(self.blocks, x, deterministic))
+        z = self.objective.sample(self.blocks, x, deterministic, self.eval_generator)
+        return self.objective.classify(z)

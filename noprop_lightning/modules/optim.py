@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -15,11 +15,27 @@ from noprop_lightning.errors import ConfigurationError
 __all__ = [
     "LRSchedulerCallable",
     "OptimizerCallable",
+    "OptimizerGroup",
     "build_optimizer",
     "paper_adam",
     "paper_adamw",
     "scheduler_config",
 ]
+
+
+class OptimizerGroup(NamedTuple):
+    """The parameters of one optimizer.
+
+    Attributes:
+        owner: What they belong to, in words (``"block 3"``), for messages.
+        tag: The param group's ``name`` (``"block_03"``): ``LearningRateMonitor`` logs the
+            learning rate as ``lr/<tag>``. ``None`` for a module's only optimizer.
+        params: The parameters.
+    """
+
+    owner: str
+    tag: str | None
+    params: list[Any]
 
 
 def paper_adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -33,7 +49,10 @@ def paper_adam(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def build_optimizer(
-    factory: OptimizerCallable, params: Iterable[nn.Parameter], owner: str = "the model"
+    factory: OptimizerCallable,
+    params: Iterable[nn.Parameter],
+    owner: str = "the model",
+    tag: str | None = None,
 ) -> torch.optim.Optimizer:
     """Call ``factory(params)`` and check that every learning rate is positive and finite.
 
@@ -41,6 +60,7 @@ def build_optimizer(
         factory: The optimizer factory (LightningCLI's ``OptimizerCallable``).
         params: The parameters the optimizer updates.
         owner: What they belong to, for the message (e.g. ``"block 3"``).
+        tag: Name of the (single) param group, for ``LearningRateMonitor``.
 
     Returns:
         The optimizer.
@@ -50,8 +70,9 @@ def build_optimizer(
             learning rate is zero, negative or not finite.
     """
     hint = "set e.g. --model.init_args.optimizer.init_args.lr 0.001 (any value > 0)"
+    groups: Any = params if tag is None else [{"params": list(params), "name": tag}]
     try:
-        optimizer = factory(params)
+        optimizer = factory(groups)
     except ValueError as err:
         raise ConfigurationError(
             f"the optimizer of {owner} could not be built: {err}; {hint}"
@@ -75,7 +96,8 @@ def scheduler_config(scheduler: Any, name: str, monitor: str, automatic: bool) -
 
     Args:
         scheduler: The scheduler instance.
-        name: The name ``LearningRateMonitor`` logs it under (e.g. ``"lr-block_03"``).
+        name: The name ``LearningRateMonitor`` logs it under (``"lr"``: ``lr/<param group
+            name>``; ``None``: Lightning's ``lr-<Optimizer>``).
         monitor: The metric a ``ReduceLROnPlateau`` watches.
         automatic: Whether the module uses automatic optimization.
     """
