@@ -195,15 +195,21 @@ def test_run_summary_table(noprop_run, capsys):
     assert s["mean_samples_per_s"] == pytest.approx(64 / sum(times))
     assert s["peak_memory_mib"] == max(r["peak_rss_mib"] for r in noprop_run.memory.history)
     assert s["peak_memory_kind"] == "process RSS"
+    assert s["test_epoch_s"] == pytest.approx(noprop_run.timer.logged["time/test_epoch_s"])
 
     summary = RunSummary()
     summary.val_history = [0.5, 0.75, 0.625]
     summary.test_value = 0.875
     summary._report(noprop_run.trainer, noprop_run.model, "test")
     out = capsys.readouterr().out
-    for text in ("Run summary (after test)", "NoProp-DT", "sequential", "75.00%", "62.50%"):
+    for text in ("Run summary: test", "NoProp-DT", "87.50%", "test epoch time"):
         assert text in out
-    assert "87.50%" in out
+    assert "best val acc" not in out  # one table per stage: the fit numbers were printed
+    summary._report(noprop_run.trainer, noprop_run.model, "fit")
+    out = capsys.readouterr().out
+    for text in ("Run summary: fit", "NoProp-DT", "sequential", "75.00%", "62.50%"):
+        assert text in out
+    assert "test acc" not in out
 
 
 # ---------------------------------------------------------------------- timing
@@ -212,11 +218,13 @@ def test_training_time_excludes_validation():
     module = Probe(train_sleep=0.05, val_sleep=0.5)
     trainer = tiny_trainer(max_epochs=1, callbacks=[timer])
     trainer.fit(module, probe_loader(16, 4), probe_loader(16, 4))  # 4 train, 4 val batches
-    metrics = trainer.callback_metrics
+    metrics = timer.logged  # what was written to the loggers
     assert float(metrics["time/val_epoch_s"]) >= 4 * 0.5
     train_s = float(metrics["time/train_epoch_s"])
     assert 4 * 0.05 <= train_s < 4 * 0.5  # would be >= 2.2 s if validation were included
     assert timer.history[0]["val_epoch_s"] == pytest.approx(float(metrics["time/val_epoch_s"]))
+    # Measurements go to the loggers, not into the evaluation metrics.
+    assert not any(k.startswith(("time/", "throughput/")) for k in trainer.callback_metrics)
 
 
 def test_epoch_end_without_a_timed_start_logs_nothing():
@@ -252,7 +260,7 @@ def test_peak_rss_is_per_epoch_and_per_stage():
     # The 192 MiB spike of epoch 0 is not carried into epoch 1 (a lifetime peak would be).
     assert first - second > 150
     # Epoch 1's validation allocated 96 MiB: logged as val, not counted in training.
-    val_peak = float(trainer.callback_metrics["memory/val_peak_rss_mib"])
+    val_peak = float(monitor.logged["memory/val_peak_rss_mib"])
     assert val_peak - second > 80
 
 
@@ -312,7 +320,7 @@ def test_cuda_peaks_are_per_epoch():
     assert first["peak_reserved_mib"] >= first["peak_allocated_mib"]
     # reset at epoch start (the 1024 MiB spike is gone) and validation excluded (512 MiB)
     assert second["peak_allocated_mib"] < 512, "\n".join(trace.rows)
-    val_peak = float(trainer.callback_metrics["memory/val_peak_allocated_mib"])
+    val_peak = float(monitor.logged["memory/val_peak_allocated_mib"])
     assert val_peak >= 512
     assert all(r["train_epoch_s"] > 0 for r in timer.history)
 
@@ -373,16 +381,19 @@ class RankSkewedProbe(Probe):
     reason="spawns 2 DDP processes (~50 s on 2 cores); run with NOPROP_DDP_TESTS=1",
 )
 @pytest.mark.skipif(not HWM, reason="per-epoch RSS peaks need Linux /proc/self/clear_refs")
-def test_real_ddp_takes_max_memory_and_sums_samples():
+def test_real_ddp_takes_max_memory_and_sums_samples(tmp_path):
     """Two CPU processes (gloo): the logged values are reduced over ranks, not rank 0's."""
+    logger = TensorBoardLogger(str(tmp_path), name="ddp", default_hp_metric=False)
     trainer = tiny_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_epochs=1,
+        logger=logger,
         callbacks=[EpochTimer(), PeakMemoryMonitor()],
     )
     trainer.fit(RankSkewedProbe(), probe_loader(16, 4), probe_loader(8, 4))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # rank 0's copy
+    events = scalar_events(logger.log_dir)  # written by rank 0
+    metrics = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     # Rank 1's 160 MiB spike shows on rank 0 (max); a mean would give ~80, rank 0 alone ~0.
     assert metrics["memory/train_peak_rss_mib"] - metrics["memory/val_peak_rss_mib"] > 120
     # 8 samples per rank, summed over both ranks.

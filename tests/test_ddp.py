@@ -197,7 +197,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(method, tmp_path):
     (s0, n0), (s1, n1) = weighted_mean(r0), weighted_mean(r1)
     expected = (s0 + s1) / (n0 + n1)
     for rank in ranks:
-        logged = rank["logged"]["train/loss_epoch"]
+        logged = rank["logged"]["train/loss"]
         assert logged == pytest.approx(expected, rel=1e-5)
     assert abs(s0 / n0 - s1 / n1) > 1e-4 * abs(expected)
     assert r0["logged"]["val/acc"] == r1["logged"]["val/acc"]

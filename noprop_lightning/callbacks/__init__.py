@@ -5,25 +5,37 @@
 * :class:`RunSummary`: a rich table at the end of ``fit`` and ``test``.
 * :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
 * :class:`RNGStateCheckpoint`: the global RNG states in every checkpoint (exact resume).
+* :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
+* :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
 """
 
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
+from noprop_lightning.callbacks.model_summary import CompactModelSummary
+from noprop_lightning.callbacks.progress import ProgressBar
 from noprop_lightning.callbacks.summary import ModuleDescription, RunSummary, describe_module
 from noprop_lightning.callbacks.timing import EpochTimer
 
 
 def default_callbacks() -> list:
     """One instance of each measuring callback, in the order they should run."""
-    return [EpochTimer(), PeakMemoryMonitor(), TensorBoardHParams(), RunSummary()]
+    return [
+        EpochTimer(),
+        PeakMemoryMonitor(),
+        TensorBoardHParams(),
+        RunSummary(),
+        CompactModelSummary(),
+    ]
 
 
 __all__ = [
+    "CompactModelSummary",
     "EpochTimer",
     "ModuleDescription",
     "PeakMemoryMonitor",
     "ProcessPeakRSS",
+    "ProgressBar",
     "RNGStateCheckpoint",
     "RunSummary",
     "TensorBoardHParams",

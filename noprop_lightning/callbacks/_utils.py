@@ -53,18 +53,21 @@ def batch_size_of(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:
     return int(extract_batch_size(batch))
 
 
-def log_scalars(pl_module: L.LightningModule, values: dict[str, float]) -> None:
-    """Log already-reduced epoch-level scalars from a callback's ``*_epoch_end`` hook."""
-    for name, value in values.items():
-        # batch_size=1: the value is logged once per epoch, there is nothing to average.
-        # The values are equal on every rank already; sync_dist with "max" keeps them so and
-        # silences Lightning's "use sync_dist=True" warning under DDP.
-        pl_module.log(
-            name,
-            float(value),
-            on_step=False,
-            on_epoch=True,
-            batch_size=1,
-            sync_dist=True,
-            reduce_fx="max",
-        )
+def log_scalars(pl_module: L.LightningModule, values: dict[str, float], stage: str) -> None:
+    """Write already-reduced epoch-level scalars to the trainer's loggers.
+
+    Straight to the loggers, at the step and with the ``epoch`` value Lightning uses for its
+    own epoch-level metrics of ``stage`` (``"train"``: the epoch's last step), not through
+    ``LightningModule.log``: measurements of the run (times, memory) then stay out of
+    ``callback_metrics``, out of the printed test table and out of the dict
+    ``trainer.test()`` returns, which hold the evaluation metrics only. Every rank may call
+    this; the loggers write on rank 0.
+    """
+    trainer = pl_module.trainer
+    if not values or not trainer.loggers:
+        return
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    if stage == "train":
+        step = max(step - 1, 0)
+    metrics = {**{k: float(v) for k, v in values.items()}, "epoch": float(trainer.current_epoch)}
+    trainer._logger_connector.log_metrics(metrics, step=step)

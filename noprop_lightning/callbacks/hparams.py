@@ -18,7 +18,7 @@ DEFAULT_METRICS = (
     "val/acc",
     "val/loss",
     "test/acc",
-    "train/loss_epoch",
+    "train/loss",
     "time/train_epoch_s",
     "throughput/train_samples_per_s",
 )

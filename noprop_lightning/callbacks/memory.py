@@ -135,6 +135,8 @@ class PeakMemoryMonitor(Callback):
             raise ConfigurationError(f"cpu_method must be one of {CPU_METHODS}, got {cpu_method!r}")
         self.cpu_method = cpu_method
         self.history: list[dict[str, float]] = []
+        #: The last value written of every key (``time/val_epoch_s`` ...), after reduction.
+        self.logged: dict[str, float] = {}
         self._process: ProcessPeakRSS | None = None
         self._train_peak: dict[str, float] = {}
         self._in_train_epoch = False
@@ -174,7 +176,9 @@ class PeakMemoryMonitor(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, peaks: dict[str, float]
     ) -> dict[str, float]:
         peaks = reduce_across_ranks(trainer, pl_module, peaks, op="max")
-        log_scalars(pl_module, {f"memory/{stage}_{k}": v for k, v in peaks.items()})
+        values = {f"memory/{stage}_{k}": v for k, v in peaks.items()}
+        log_scalars(pl_module, values, stage)
+        self.logged.update(values)
         return peaks
 
     # ------------------------------------------------------------------ training

@@ -89,16 +89,17 @@ def format_value(value: float | int | None, kind: str) -> str:
 
 
 class RunSummary(Callback):
-    """Print a rich table when ``fit`` ends and again when ``test`` ends.
+    """Print one rich table per stage: when ``fit`` ends, and when ``test`` ends.
 
-    Rows: method, execution path, parameters, epochs, best and final validation accuracy,
-    test accuracy (after ``test``), mean training-epoch time, mean training throughput and
+    After ``fit``: method, execution path, parameters, epochs, best and final validation
+    accuracy, mean training-epoch time, mean training throughput and peak training memory.
+    After ``test``: method, parameters, test accuracy, the test epoch's time, throughput and
     peak memory. Times and memory come from :class:`EpochTimer` and
     :class:`PeakMemoryMonitor` when they are in the trainer's callbacks (``-`` otherwise);
     peak memory is the CUDA peak allocated memory on a GPU, else the process peak RSS.
     Works with any LightningModule that logs the monitored accuracy keys.
 
-    The numbers of the last table are in :attr:`summary` (a dict) after each print.
+    All the numbers (of both stages) are in :attr:`summary` (a dict) after each print.
 
     Args:
         val_metric: Validation accuracy key in ``trainer.callback_metrics``.
@@ -153,10 +154,18 @@ class RunSummary(Callback):
             key = key or "peak_rss_mib"
             peak = max(r[key] for r in memory.history)
             peak_kind = "CUDA allocated" if key == "peak_allocated_mib" else "process RSS"
+        test_key = "peak_allocated_mib" if peak_kind == "CUDA allocated" else "peak_rss_mib"
         return {
             "method": desc.method,
             "execution": desc.execution,
             "params": desc.params,
+            "test_epoch_s": timer.logged.get("time/test_epoch_s") if timer else None,
+            "test_samples_per_s": timer.logged.get("throughput/test_samples_per_s")
+            if timer
+            else None,
+            "test_peak_memory_mib": memory.logged.get(f"memory/test_{test_key}")
+            if memory
+            else None,
             "epochs": len(times) if timer else trainer.current_epoch,
             "best_val_acc": max(self.val_history) if self.val_history else None,
             "final_val_acc": self.val_history[-1] if self.val_history else None,
@@ -174,23 +183,37 @@ class RunSummary(Callback):
 
     @rank_zero_only
     def _print(self, s: dict[str, Any], stage: str) -> None:
-        table = Table(title=f"{self.title} (after {stage})", show_header=True)
-        table.add_column("quantity", style="bold")
-        table.add_column("value", justify="right")
         kind = s["peak_memory_kind"]
-        memory_label = f"peak memory ({kind})" if kind else "peak memory"
-        rows = [
+        memory = f"peak {'test' if stage == 'test' else 'train'} memory"
+        memory_label = f"{memory} ({kind})" if kind else memory
+        head = [
             ("method", s["method"]),
             ("execution path", s["execution"]),
             ("parameters", format_value(s["params"], "int")),
-            ("epochs", format_value(s["epochs"], "int")),
-            ("best val acc", format_value(s["best_val_acc"], "acc")),
-            ("final val acc", format_value(s["final_val_acc"], "acc")),
-            ("test acc", format_value(s["test_acc"], "acc")),
-            ("mean train epoch time", format_value(s["mean_epoch_s"], "s")),
-            ("mean train throughput", format_value(s["mean_samples_per_s"], "rate")),
-            (memory_label, format_value(s["peak_memory_mib"], "mib")),
         ]
+        if stage == "test":
+            title = f"{self.title}: test"
+            rows = [
+                *head[::2],
+                ("test acc", format_value(s["test_acc"], "acc")),
+                ("test epoch time", format_value(s["test_epoch_s"], "s")),
+                ("test throughput", format_value(s["test_samples_per_s"], "rate")),
+                (memory_label, format_value(s["test_peak_memory_mib"], "mib")),
+            ]
+        else:
+            title = f"{self.title}: fit"
+            rows = [
+                *head,
+                ("epochs", format_value(s["epochs"], "int")),
+                ("best val acc", format_value(s["best_val_acc"], "acc")),
+                ("final val acc", format_value(s["final_val_acc"], "acc")),
+                ("mean train epoch time", format_value(s["mean_epoch_s"], "s")),
+                ("mean train throughput", format_value(s["mean_samples_per_s"], "rate")),
+                (memory_label, format_value(s["peak_memory_mib"], "mib")),
+            ]
+        table = Table(title=title, show_header=True)
+        table.add_column("quantity", style="bold")
+        table.add_column("value", justify="right")
         for name, value in rows:
             table.add_row(name, value)
         Console().print(table)

@@ -74,6 +74,8 @@ class EpochTimer(Callback):
         super().__init__()
         self.batch_size_fn = batch_size_fn
         self.history: list[dict[str, float]] = []
+        #: The last value written of every key (``time/val_epoch_s`` ...), after reduction.
+        self.logged: dict[str, float] = {}
         self._train = _Stopwatch()
         self._eval = _Stopwatch()
         self._train_samples = 0
@@ -192,8 +194,8 @@ class EpochTimer(Callback):
     def _finish_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> float:
         return self._stop_and_log(trainer, pl_module, stage, self._eval, self._eval_samples)[0]
 
-    @staticmethod
     def _stop_and_log(
+        self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         stage: str,
@@ -213,8 +215,7 @@ class EpochTimer(Callback):
         op = "max" if getattr(trainer.strategy, "replicates_batches", False) else "sum"
         total = reduce_across_ranks(trainer, pl_module, {"n": float(samples)}, op=op)["n"]
         rate = total / seconds if seconds > 0 else 0.0
-        log_scalars(
-            pl_module,
-            {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate},
-        )
+        values = {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate}
+        log_scalars(pl_module, values, stage)
+        self.logged.update(values)
         return seconds, total, rate

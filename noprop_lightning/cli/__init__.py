@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -16,11 +17,13 @@ from noprop_lightning.cli.checkpoints import (
     LINKED_DATA_PROPERTIES,
     SPECIAL_CKPT_PATHS,
     check_model_against_checkpoint,
+    checkpoint_dirpath,
     import_class,
     is_special_ckpt_path,
     read_checkpoint_header,
 )
 from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.output import quiet_known_noise
 
 __all__ = [
     "LINKED_DATA_PROPERTIES",
@@ -56,6 +59,9 @@ class NoPropCLI(LightningCLI):
     inference mode and steps, execution path, diffusion backend), which come from the config
     and command line; a warning names the other config values that the checkpoint overrides.
     """
+
+    #: The checkpoint of ``--ckpt_path``, read once (``None``: none given).
+    _ckpt_header: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data properties to the model and add ``--test_after_fit``."""
@@ -95,6 +101,30 @@ class NoPropCLI(LightningCLI):
         model = self.config[subcommand].get("model")
         return model if model is not None and hasattr(model, "class_path") else None
 
+    def before_instantiate_classes(self) -> None:
+        """Add the package's progress bar; with ``--ckpt_path``, keep checkpoints in place.
+
+        The checkpoint records where its ``ModelCheckpoint`` saved; pointing the config's
+        ``ModelCheckpoint`` there means a resumed fit goes on writing (and tracking the best
+        checkpoint) beside the earlier ones, and ``test`` / ``validate`` / ``predict``
+        restore its state without Lightning warning that the directory changed.
+        """
+        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+        callbacks = trainer.get("callbacks") if trainer is not None else None
+        if trainer is not None and trainer.get("enable_progress_bar") is not False:
+            names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
+            if not any("ProgressBar" in name for name in names):
+                # Lightning's rich bar without the logger version (v_num): see ProgressBar.
+                bar = Namespace(class_path="noprop_lightning.callbacks.ProgressBar")
+                trainer.callbacks = callbacks = [*(callbacks or []), bar]
+        dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
+        if dirpath is None or not isinstance(callbacks, list):
+            return
+        for callback in callbacks:
+            if str(getattr(callback, "class_path", "")).endswith(".ModelCheckpoint"):
+                if callback.get("init_args") is not None:
+                    callback.init_args.dirpath = dirpath
+
     def after_fit(self) -> None:
         """Evaluate on the test split after fitting (best checkpoint when there is one)."""
         if not self.config[self.subcommand].get("test_after_fit", True):
@@ -115,6 +145,7 @@ class NoPropCLI(LightningCLI):
         if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
             return
         checkpoint = read_checkpoint_header(ckpt_path)
+        self._ckpt_header = checkpoint
         model_config = config.get("model")
         if model_config is None or not hasattr(model_config, "class_path"):
             return
@@ -142,6 +173,7 @@ def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
     Returns:
         The CLI object (useful in tests); user errors exit instead of returning.
     """
+    quiet_known_noise()
     subcommands = LightningCLI.subcommands()
     parser_kwargs = {**_PARSER_KWARGS, **{name: dict(_PARSER_KWARGS) for name in subcommands}}
     try:

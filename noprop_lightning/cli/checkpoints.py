@@ -123,3 +123,12 @@ def check_model_against_checkpoint(
             UserWarning,
             stacklevel=2,
         )
+
+
+def checkpoint_dirpath(checkpoint: Mapping[str, Any]) -> str | None:
+    """Where the ``ModelCheckpoint`` that wrote ``checkpoint`` saved (``None``: unknown)."""
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
+            dirpath = state.get("dirpath")
+            return None if dirpath is None else str(dirpath)
+    return None

@@ -171,5 +171,10 @@ class BackpropModule(ClassifierModule):
         return self.net(x)
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy on the final logits, back-propagated end to end."""
-        return {"loss": F.cross_entropy(self.net(x), y)}
+        """Cross-entropy on the final logits, back-propagated end to end.
+
+        Also the batch's accuracy (``acc``), for the progress bar.
+        """
+        logits = self.net(x)
+        acc = (logits.detach().argmax(-1) == y).float().mean()
+        return {"loss": F.cross_entropy(logits, y), "acc": acc}

@@ -153,18 +153,34 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Automatic optimization: compute, check and log the terms; return the loss."""
-        x, y = self.unpack(batch)
+        x, y = self.unpack(batch, batch_idx)
         terms = self.training_losses(x, y)
         # Lightning steps after this returns, so a NaN never reaches the weights.
         named = {self.loss_name if k == "loss" else k: v for k, v in terms.items()}
         guards.check_finite_losses(self._trainer, named, self.step_name(batch_idx))
-        self.log_training(terms["loss"], {k: v for k, v in terms.items() if k != "loss"}, len(y))
+        progress = self.progress_terms(terms)
+        self.log_training(
+            terms["loss"],
+            {k: v for k, v in terms.items() if k not in ("loss", "acc")},
+            len(y),
+            progress,
+        )
         return terms["loss"]
 
-    def unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` of a training batch, after checking the image shape."""
+    def progress_terms(self, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a training step shows on the progress bar (default: its ``acc`` term)."""
+        return {"acc": terms["acc"]} if "acc" in terms else {}
+
+    def unpack(self, batch: Any, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of a labelled batch, after checking the image shape and the labels.
+
+        Labels are checked to lie in ``[0, num_classes)``: every batch on the CPU, and the
+        first batch of each epoch on an accelerator (one device synchronisation per epoch
+        instead of one per batch).
+        """
         x, y = batch
         guards.check_images(x, self.in_channels, self.image_size)
+        guards.check_labels(y, self.num_classes, on_device=batch_idx == 0)
         return x, y
 
     def step_name(self, batch_idx: int) -> str:
@@ -176,32 +192,22 @@ class ClassifierModule(L.LightningModule):
         loss: torch.Tensor,
         terms: Mapping[str, torch.Tensor],
         batch_size: int,
-        per_step: bool = True,
+        progress: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Log ``train/loss`` (progress bar, per step and epoch) and ``train/<term>`` per epoch.
+        """Log ``train/loss`` and ``train/<term>`` per epoch, and ``progress`` on the bar.
 
-        ``sync_dist``: under DDP the epoch values are means over every process's batches.
-        ``per_step=False`` logs ``train/loss`` per epoch only (a per-step value with
-        ``sync_dist`` is an all-reduce in every step).
+        ``sync_dist``: under DDP the epoch values are means over every process's batches
+        (one reduction per epoch; nothing is logged with ``sync_dist`` per step).
+        ``progress``: per-step values shown on the progress bar only (not logged), e.g. the
+        head's cross-entropy, which says more about a step than NoProp's summed,
+        SNR-weighted block losses.
         """
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=per_step,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
+        epoch = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
+        self.log("train/loss", loss, prog_bar=True, **epoch)
         for name, value in terms.items():
-            self.log(
-                f"train/{name}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                batch_size=batch_size,
-                sync_dist=True,
-            )
+            self.log(f"train/{name}", value, **epoch)
+        for name, value in (progress or {}).items():
+            self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_start(self) -> None:
         """Drop validation state accumulated by the sanity check."""
@@ -250,8 +256,10 @@ class ClassifierModule(L.LightningModule):
         """Alias of :meth:`predict_logits`."""
         return self.predict_logits(x)
 
-    def _eval_step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> torch.Tensor:
-        x, y = self.unpack(batch)
+    def _eval_step(
+        self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy
+    ) -> torch.Tensor:
+        x, y = self.unpack(batch, batch_idx)
         logits = self.predict_logits(x)
         loss = F.cross_entropy(logits, y)
         metric.update(logits, y)
@@ -261,11 +269,11 @@ class ClassifierModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Run inference on a validation batch and log ``val/loss``, ``val/acc``."""
-        return self._eval_step(batch, "val", self.val_acc)
+        return self._eval_step(batch, batch_idx, "val", self.val_acc)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Run inference on a test batch and log ``test/loss``, ``test/acc``."""
-        return self._eval_step(batch, "test", self.test_acc)
+        return self._eval_step(batch, batch_idx, "test", self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Return predicted class indices for a batch (labels, if present, are ignored)."""
@@ -289,12 +297,6 @@ class ClassifierModule(L.LightningModule):
     def on_test_start(self) -> None:
         """Refuse a data module whose classes or image shape differ from the model's."""
         guards.check_datamodule_matches(self._trainer, self.shape_values())
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Check that labels lie in ``[0, num_classes)`` while the batch is still on the CPU."""
-        if self._trainer is None or not self.trainer.predicting:
-            guards.check_labels(batch, self.num_classes)
-        return batch
 
     # ------------------------------------------------------------------ the run's seed
     #: The seed of the run's own random streams (inference noise, NoProp's per-block

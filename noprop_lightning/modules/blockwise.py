@@ -153,4 +153,4 @@ class BlockwiseModule(NoPropBase):
         }
         for name in ("loss_head", "kl"):
             terms[name] = head[name].detach() * ranks if name in head else zero
-        self.log_training(total * ranks, terms, batch_size, per_step=False)
+        self.log_training(total * ranks, terms, batch_size)

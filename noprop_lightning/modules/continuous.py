@@ -16,6 +16,7 @@ deterministic by default: it starts from ``z_0 = 0``, the mean of the prior ``N(
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -130,6 +131,11 @@ class ContinuousNoPropModule(NoPropBase):
     def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The objective's loss terms (automatic optimization steps their ``"loss"``)."""
         return self.losses(x, y)
+
+    def progress_terms(self, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The progress bar shows the head's cross-entropy (CT, learned FM) or the flow loss."""
+        key = "ce" if "ce" in terms else "flow"
+        return {key: terms[key]} if key in terms else {}
 
     # ------------------------------------------------------------------ inference
     def start_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:

@@ -29,22 +29,24 @@ def check_images(x: torch.Tensor, in_channels: int, image_size: int) -> None:
         )
 
 
-def check_labels(batch: Any, num_classes: int) -> None:
-    """Check that the labels of an ``(x, y)`` batch lie in ``[0, num_classes)``.
+def check_labels(labels: Any, num_classes: int, on_device: bool = False) -> None:
+    """Check that integer ``labels`` lie in ``[0, num_classes)``.
 
-    Only labels still on the CPU are checked (on an accelerator it would cost a device sync
-    per batch). An out-of-range label would otherwise surface as an index error deep in the
-    loss, or as a device-side assert that kills the CUDA context.
+    An out-of-range label would otherwise surface as an index error deep in the loss, or as
+    a device-side assert that kills the CUDA context.
+
+    Args:
+        labels: The labels of a batch (anything else than an integer tensor is not checked).
+        num_classes: ``K``.
+        on_device: Also check labels on an accelerator (costs a device synchronisation);
+            CPU labels are always checked.
 
     Raises:
         ConfigurationError: Naming the bad label and the model's ``num_classes``.
     """
-    if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
-        return
-    labels = batch[1]
     if not (
         isinstance(labels, torch.Tensor)
-        and labels.device.type == "cpu"
+        and (labels.device.type == "cpu" or on_device)
         and labels.numel() > 0
         and not labels.is_floating_point()
     ):

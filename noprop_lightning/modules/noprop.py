@@ -236,7 +236,7 @@ class NoPropModule(BlockwiseModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Update the selected blocks and the head, each with its own optimizer."""
-        x, y = self.unpack(batch)
+        x, y = self.unpack(batch, batch_idx)
         optimizers = self.optimizer_list()
         block_ids = self.select_blocks()
         streams = self.next_streams()
@@ -279,7 +279,8 @@ class NoPropModule(BlockwiseModule):
             self.log_spread_losses(total, by_block, head, len(y))
             return total
         logged = {**head, **{f"loss_block_{self.block_tag(t)}": v for t, v in by_block.items()}}
-        self.log_training(total, logged, len(y))
+        progress = {"head_ce": head["loss_head"]} if head else {}
+        self.log_training(total, logged, len(y), progress)
         return total
 
     def on_fit_start(self) -> None:

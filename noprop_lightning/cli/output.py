@@ -1,0 +1,47 @@
+"""Third-party output the command line silences, each known harmless (and why).
+
+Only the command line applies these (in-process, for its own run); a Python user of the
+package sees Lightning's output unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: ``(logger message start, why it is harmless)`` of Lightning info lines dropped.
+DROPPED_INFO = (
+    (
+        "💡 Tip: For seamless cloud logging",
+        "an advertisement for Lightning's cloud logger, printed by every Trainer",
+    ),
+    (
+        "Trainer already configured with model summary callbacks",
+        "our configs add CompactModelSummary on purpose; Lightning says it skips its default",
+    ),
+)
+
+#: ``(warning message regex, category, why it is harmless)`` of warnings ignored.
+IGNORED_WARNINGS = (
+    (
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        FutureWarning,
+        "Lightning 2.6 calls a pytree API that torch 2.14 deprecates, in its own loops; it "
+        "works, and only a Lightning release can change it",
+    ),
+)
+
+
+class _DropKnownLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(start) for start, _ in DROPPED_INFO)
+
+
+def quiet_known_noise() -> None:
+    """Install the filters of :data:`DROPPED_INFO` and :data:`IGNORED_WARNINGS` (idempotent)."""
+    for pattern, category, _ in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        if not any(isinstance(f, _DropKnownLines) for f in handler.filters):
+            handler.addFilter(_DropKnownLines())
