@@ -446,3 +446,32 @@ def test_configs_turn_the_callbacks_on(name):
     for cls in ("EpochTimer", "PeakMemoryMonitor", "TensorBoardHParams", "RunSummary"):
         assert f"noprop_lightning.callbacks.{cls}" in paths
     assert config["trainer"]["logger"]["init_args"]["default_hp_metric"] is False
+
+
+def test_hparams_hold_the_real_settings_and_no_placeholder_with_a_default_logger(tmp_path):
+    """A TensorBoardLogger left at default_hp_metric=True still gets no hp_metric."""
+    torch.manual_seed(0)
+    module = NoPropModule(
+        **TINY,
+        num_blocks=2,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.01),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    )
+    logger = TensorBoardLogger(str(tmp_path), name="run")  # default_hp_metric=True
+    trainer = tiny_trainer(
+        tmp_path, max_epochs=1, logger=logger, callbacks=[TensorBoardHParams()], limit_val_batches=1
+    )
+    trainer.fit(module, tiny_loader(n=16), tiny_loader(n=8))
+    acc = scalar_events(logger.log_dir)
+    assert "hp_metric" not in acc.Tags()["scalars"]
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["optimizer"].string_value == "AdamW"
+    assert hp["optimizer.lr"].number_value == pytest.approx(2e-3)
+    assert hp["optimizer.weight_decay"].number_value == pytest.approx(0.01)
+    assert hp["scheduler"].string_value == "StepLR"
+    assert hp["scheduler.step_size"].number_value == 3
+    assert hp["trainer.max_epochs"].number_value == 1
+    assert hp["network.hidden"].number_value == 16
+    assert not any(key.startswith("_") for key in hp)

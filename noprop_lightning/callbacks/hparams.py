@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,19 +44,24 @@ def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, An
 
 
 class TensorBoardHParams(Callback):
-    """Write the run's hyper-parameters to TensorBoard's HPARAMS tab at the start of ``fit``.
+    """Log the run's hyper-parameters: TensorBoard's HPARAMS tab without ``hp_metric``.
 
     Lightning's ``TensorBoardLogger`` only fills the HPARAMS tab together with metric
     values; ``default_hp_metric=True`` does so with a placeholder ``hp_metric`` scalar, and
     passing real metric names to ``log_hyperparams`` logs fake values (0 at step 0) into
     those curves. This callback writes the HPARAMS summaries alone, naming existing scalar
     tags (``val/acc``, ``time/train_epoch_s``, ...): TensorBoard then shows the last
-    logged value of each tag next to the hyper-parameters, and no scalar is invented.
+    logged value of each tag next to the hyper-parameters, and no scalar is invented. Other
+    loggers (CSV, W&B, ...) get the same dict through their ``log_hyperparams``. The package's
+    modules and data modules save their hyper-parameters with ``logger=False``, so Lightning
+    itself logs none (and no placeholder), whatever the logger's ``default_hp_metric``.
 
-    The hyper-parameters are the module's ``hparams``, the data module's as ``data.<name>``,
-    and ``method``, ``execution`` and ``params`` from
-    :func:`~noprop_lightning.callbacks.summary.describe_module` (which
-    :mod:`noprop_lightning.report` reads back). Other loggers are left alone.
+    The hyper-parameters: the module's ``hparams`` (without LightningCLI's ``_class_path`` /
+    ``_instantiator``), the data module's as ``data.<name>``, the optimizer (class and its
+    defaults: ``optimizer.lr``, ``optimizer.weight_decay``, ...), the LR scheduler (class and
+    its settings), ``trainer.max_epochs``, ``seed`` and, from
+    :func:`~noprop_lightning.callbacks.summary.describe_module`, ``method``, ``execution``
+    and ``params`` (which :mod:`noprop_lightning.report` reads back).
 
     Args:
         metrics: Scalar tags to show; ``None`` uses :data:`DEFAULT_METRICS` plus the peak
@@ -73,14 +79,18 @@ class TensorBoardHParams(Callback):
         params: dict[str, Any] = {}
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and getattr(datamodule, "hparams", None):
-            params.update(flatten_hparams(dict(datamodule.hparams), "data."))
-        params.update(flatten_hparams(dict(pl_module.hparams)))
+            params.update(flatten_hparams(_without_cli_keys(datamodule.hparams), "data."))
+        params.update(flatten_hparams(_without_cli_keys(pl_module.hparams)))
+        params.update(_optimizer_settings(trainer))
+        seed = os.environ.get("PL_GLOBAL_SEED")
         params.update(
             {
                 "method": desc.method,
                 "execution": desc.execution,
                 "params": desc.params,
                 "module_class": type(pl_module).__name__,
+                "trainer.max_epochs": trainer.max_epochs if trainer.max_epochs is not None else -1,
+                "seed": int(seed) if seed is not None else "None",
             }
         )
         return params
@@ -98,17 +108,56 @@ class TensorBoardHParams(Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the HPARAMS summaries to every TensorBoard logger."""
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
+        """Write the hyper-parameters to every logger."""
+        if not trainer.loggers:
             return
         params = self.collect(trainer, pl_module)
         # The metric values of this call are never written: only their names are used.
         metrics = dict.fromkeys(self.metric_tags(pl_module), 0.0)
         experiment, start, end = hparams_summaries(params, metrics)
-        for logger in loggers:
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params)
+                continue
             # The same writer Lightning's own TensorBoardLogger.log_hyperparams uses.
             writer = logger.experiment._get_file_writer()
             for summary in (experiment, start, end):
                 writer.add_summary(summary)
             writer.flush()
+
+
+def _without_cli_keys(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(hparams).items() if k not in ("_class_path", "_instantiator")}
+
+
+#: LR-scheduler state entries that are bookkeeping, not settings.
+_SCHEDULER_STATE = {
+    "base_lrs",
+    "last_epoch",
+    "verbose",
+    "best",
+    "num_bad_epochs",
+    "cooldown_counter",
+}
+
+
+def _optimizer_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """``optimizer`` (class), ``optimizer.<default>``, ``scheduler`` and its settings."""
+    if not trainer.optimizers:
+        return {}
+    optimizer = trainer.optimizers[0]
+    settings: dict[str, Any] = {"optimizer": type(optimizer).__name__}
+    for key, value in optimizer.defaults.items():
+        if isinstance(value, (bool, int, float, str)):
+            settings[f"optimizer.{key}"] = value
+        elif isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value):
+            settings[f"optimizer.{key}"] = str(list(value))
+    configs = trainer.lr_scheduler_configs
+    settings["scheduler"] = type(configs[0].scheduler).__name__ if configs else "None"
+    if configs:
+        for key, value in configs[0].scheduler.state_dict().items():
+            if key.startswith("_") or key in _SCHEDULER_STATE:
+                continue
+            if isinstance(value, (bool, int, float, str)):
+                settings[f"scheduler.{key}"] = value
+    return settings

@@ -123,7 +123,7 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         train_subset: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by TensorBoardHParams
         validate_arguments(batch_size, num_workers, val_size, train_subset)
         self.data_dir = data_dir
         self.download = download

@@ -250,7 +250,9 @@ class NoPropCTModule(ContinuousNoPropModule):
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
+        # without the placeholder metric a TensorBoardLogger would add.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         settings = CTSettings.coerce(objective)
         label_embedding = self.build_network(embedding, embed_dim, network, num_classes)
         self.objective = CTObjective(
@@ -319,7 +321,9 @@ class NoPropFMModule(ContinuousNoPropModule):
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
+        # without the placeholder metric a TensorBoardLogger would add.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         settings = FMSettings.coerce(objective)
         label_embedding = self.build_network(embedding, embed_dim, network, None)
         self.objective = FMObjective(embedding=label_embedding, settings=settings)
