@@ -32,7 +32,7 @@ from noprop_lightning.callbacks import (
 )
 from noprop_lightning.callbacks._utils import MIB, reduce_across_ranks
 from noprop_lightning.errors import ConfigurationError
-from tests.helpers import TINY, tiny_loader, tiny_trainer
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 HWM = sys.platform.startswith("linux") and memory_mod._hwm_unavailable_reason() is None
@@ -475,3 +475,32 @@ def test_hparams_hold_the_real_settings_and_no_placeholder_with_a_default_logger
     assert hp["trainer.max_epochs"].number_value == 1
     assert hp["network.hidden"].number_value == 16
     assert not any(key.startswith("_") for key in hp)
+
+
+@pytest.mark.parametrize("file_format", ["csv", "pt"])
+def test_prediction_writer_writes_probabilities_in_dataset_order(tmp_path, file_format):
+    import csv
+
+    from noprop_lightning.callbacks import PredictionWriter
+
+    torch.manual_seed(0)
+    module = NoPropModule(**TINY, num_blocks=2, inference="deterministic").eval()
+    out = tmp_path / f"preds.{file_format}"
+    writer = PredictionWriter(str(out), file_format=file_format)
+    tiny_trainer(callbacks=[writer]).predict(module, tiny_loader(n=20, batch_size=8))
+    x, _ = tiny_batch(20)
+    expected = torch.softmax(module.predict_logits(x), dim=-1)
+    if file_format == "csv":
+        rows = list(csv.reader(out.open()))
+        assert rows[0][:3] == ["index", "pred", "prob_0"] and len(rows) == 21
+        probs = torch.tensor([[float(v) for v in row[2:]] for row in rows[1:]])
+        assert [int(row[0]) for row in rows[1:]] == list(range(20))
+        assert [int(row[1]) for row in rows[1:]] == expected.argmax(-1).tolist()
+        torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+    else:
+        saved = torch.load(out, weights_only=True)
+        assert torch.equal(saved["index"], torch.arange(20))
+        torch.testing.assert_close(saved["probs"], expected)
+    torch.testing.assert_close(
+        probs.sum(-1) if file_format == "csv" else saved["probs"].sum(-1), torch.ones(20)
+    )

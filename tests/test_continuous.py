@@ -290,7 +290,7 @@ def test_inference_is_deterministic_by_default_and_never_touches_labels(make):
         b = m.predict_logits(x)
         preds = tiny_trainer().predict(m, tiny_loader())
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert torch.cat(preds).shape == (32,)
+    assert torch.cat([p["pred"] for p in preds]).shape == (32,)
     noisy = make(embedding="learned", embed_dim=6, inference={"steps": 8, "start": "noise"}).eval()
     noisy.load_state_dict(m.state_dict())
     assert not torch.equal(noisy.predict_logits(x), noisy.predict_logits(x))

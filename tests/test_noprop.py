@@ -120,7 +120,7 @@ def test_inference_never_touches_labels():
         trainer.validate(m, tiny_loader(), verbose=False)
         trainer.test(m, tiny_loader(), verbose=False)
         preds = trainer.predict(m, tiny_loader())
-    assert torch.cat(preds).shape == (32,)
+    assert torch.cat([p["pred"] for p in preds]).shape == (32,)
     # Shuffling the labels of a batch does not change the (deterministic) predictions.
     a = m.predict_logits(x, deterministic=True)
     b = m.predict_logits(x, deterministic=True)

@@ -7,12 +7,14 @@
 * :class:`RNGStateCheckpoint`: the global RNG states in every checkpoint (exact resume).
 * :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
 * :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
+* :class:`PredictionWriter`: ``predict``'s probabilities and classes to a CSV or tensor file.
 """
 
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
 from noprop_lightning.callbacks.model_summary import CompactModelSummary
+from noprop_lightning.callbacks.predictions import PredictionWriter
 from noprop_lightning.callbacks.progress import ProgressBar
 from noprop_lightning.callbacks.summary import ModuleDescription, RunSummary, describe_module
 from noprop_lightning.callbacks.timing import EpochTimer
@@ -34,6 +36,7 @@ __all__ = [
     "EpochTimer",
     "ModuleDescription",
     "PeakMemoryMonitor",
+    "PredictionWriter",
     "ProcessPeakRSS",
     "ProgressBar",
     "RNGStateCheckpoint",

@@ -275,10 +275,16 @@ class ClassifierModule(L.LightningModule):
         """Run inference on a test batch and log ``test/loss``, ``test/acc``."""
         return self._eval_step(batch, batch_idx, "test", self.test_acc)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Return predicted class indices for a batch (labels, if present, are ignored)."""
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities and predicted classes of a batch (labels, if any, are ignored).
+
+        Returns:
+            ``{"probs": (B, K) softmax probabilities, "pred": (B,) class indices}``; write
+            them to a file with :class:`~noprop_lightning.callbacks.PredictionWriter`.
+        """
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.predict_logits(x).argmax(dim=-1)
+        probs = torch.softmax(self.predict_logits(x), dim=-1)
+        return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     # ------------------------------------------------------------------ checks
     def shape_values(self) -> dict[str, int]:
