@@ -2,12 +2,13 @@
 
 Usage::
 
-    python -m noprop_lightning.compare --dataset mnist [--size small] [--epochs N]
+    noprop-lightning compare --dataset mnist [--size small] [--epochs N]
         [--batch-size B] [--lr LR] [--execution PATH] [--data-dir DIR] [--train-subset N]
         [--out results/compare_mnist] [-- EXTRA LIGHTNINGCLI ARGS]
 
-Trains NoProp-DT from ``configs/noprop_<dataset>[_small].yaml`` and the backprop baseline
-from ``configs/backprop_<dataset>[_small].yaml``, one after the other, each in its own
+Trains NoProp-DT from the shipped ``noprop_<dataset>[_small].yaml`` and the backprop
+baseline from ``backprop_<dataset>[_small].yaml`` (``noprop-lightning configs`` lists
+them), one after the other, each in its own
 Python process (so the peak memory of one run does not include what the other left
 behind), with the same overrides for both: epochs, batch size, learning rate, data folder,
 training subset. ``--execution`` applies to NoProp only. Anything after ``--`` is passed
@@ -31,7 +32,9 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
+from noprop_lightning.config_files import CONFIG_DIR
 from noprop_lightning.errors import ConfigurationError, NoPropUserError, exit_status
 from noprop_lightning.report import ReportResult, report, verdict
 
@@ -64,9 +67,8 @@ class PlannedRun:
 
 
 def default_config_dir() -> Path:
-    """``configs/`` of the source checkout, else ``./configs``."""
-    beside_package = Path(__file__).resolve().parent.parent / "configs"
-    return beside_package if beside_package.is_dir() else Path.cwd() / "configs"
+    """The shipped configs (installed with the package)."""
+    return CONFIG_DIR
 
 
 def available_datasets(config_dir: Path, size: str = "paper") -> list[str]:
@@ -91,8 +93,8 @@ def resolve_configs(config_dir: Path, dataset: str, size: str) -> tuple[Path, Pa
     """
     if not config_dir.is_dir():
         raise ConfigurationError(
-            f"config folder {str(config_dir)!r} not found: run from the repository root or "
-            "pass --config-dir"
+            f"config folder {str(config_dir)!r} not found: pass an existing --config-dir (or "
+            "leave it out to use the shipped configs)"
         )
     suffix = SIZES[size]
     noprop = config_dir / f"noprop_{dataset}{suffix}.yaml"
@@ -181,8 +183,8 @@ def run_one(
     Raises:
         CompareError: If the run fails or leaves no log folder.
     """
-    console.rule(f"[bold]{index}/{total}: {run.title}[/] ({run.config.name})")
-    console.print("[dim]" + " ".join(run.args) + "[/]", highlight=False)
+    console.rule(Text(f"{index}/{total}: {run.title} ({run.config.name})", style="bold"))
+    console.print(Text(" ".join(run.args), style="dim"), highlight=False)
     if in_process:
         status = _run_in_process(run.args)
     else:
@@ -216,8 +218,17 @@ def _run_in_process(args: list[str]) -> int:
     return 0
 
 
-def compare(argv: Sequence[str] | None = None, console: Console | None = None) -> ReportResult:
+def compare(
+    argv: Sequence[str] | None = None,
+    console: Console | None = None,
+    prog: str = "python -m noprop_lightning.compare",
+) -> ReportResult:
     """Run the comparison described by command-line arguments ``argv``.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+        console: Rich console to print to (default: a new one on stdout).
+        prog: The command name in the usage line.
 
     Returns:
         The report of the two runs.
@@ -231,7 +242,7 @@ def compare(argv: Sequence[str] | None = None, console: Console | None = None) -
     if "--" in argv:
         split = argv.index("--")
         own, extra = argv[:split], argv[split + 1 :]
-    args = build_parser().parse_args(own)
+    args = build_parser(prog).parse_args(own)
     console = console or Console()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = plan_runs(args, extra, stamp)
@@ -249,14 +260,14 @@ def compare(argv: Sequence[str] | None = None, console: Console | None = None) -
         run_dirs, out, console=console, title=f"NoProp-DT vs backprop on {args.dataset}"
     )
     for line in verdict(result):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m noprop_lightning.compare``."""
+def build_parser(prog: str = "python -m noprop_lightning.compare") -> argparse.ArgumentParser:
+    """The argument parser of ``noprop-lightning compare``."""
     parser = argparse.ArgumentParser(
-        prog="python -m noprop_lightning.compare",
+        prog=prog,
         description="Train NoProp-DT and the backprop baseline with the same budget from the "
         "shipped configs, then print a comparison table and write PNG plots. Arguments after "
         "'--' go to both runs as LightningCLI arguments.",
@@ -264,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         required=True,
-        help="dataset name of the config pair configs/{noprop,backprop}_<dataset>.yaml: "
+        help="dataset name of the shipped config pair {noprop,backprop}_<dataset>.yaml: "
         "mnist, cifar10, cifar100, digits",
     )
     parser.add_argument(
@@ -286,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", help="folder for summary.md and the PNGs (default: results/compare_<dataset>)"
     )
-    parser.add_argument("--config-dir", help="folder with the configs (default: configs/)")
+    parser.add_argument(
+        "--config-dir", help="folder with the config pairs (default: the shipped configs)"
+    )
     parser.add_argument(
         "--in-process",
         action="store_true",
@@ -310,9 +323,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point; returns the exit status (2 after a user error)."""
-    return exit_status(lambda: compare(argv))
+    return exit_status(lambda: compare(argv, prog=prog or "python -m noprop_lightning.compare"))
 
 
 if __name__ == "__main__":

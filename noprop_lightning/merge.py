@@ -152,10 +152,10 @@ def save_atomically(checkpoint: Mapping[str, Any], path: str | Path) -> None:
         raise
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point; returns the exit status (2 after a user error)."""
     parser = argparse.ArgumentParser(
-        prog="python -m noprop_lightning.merge",
+        prog=prog or "python -m noprop_lightning.merge",
         description="Merge the checkpoints of jobs that trained different NoProp-DT blocks "
         "(execution.train_blocks) into one model checkpoint.",
     )

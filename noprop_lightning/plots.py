@@ -1,39 +1,69 @@
-"""The report's figures: one PNG per quantity, every run overlaid (matplotlib, no screen)."""
+"""The report's figures, one PNG each (matplotlib, no screen).
+
+- ``val_acc.png``: validation accuracy per epoch, every run overlaid;
+- ``val_acc_vs_time.png``: validation accuracy against cumulative training time (the
+  time-to-accuracy question), every run overlaid;
+- ``train_loss.png``: the training loss, one panel per method (NoProp's weighted sum of
+  block losses and backprop's cross-entropy are different quantities: no shared axis);
+- ``block_losses.png``: each block's denoising loss, one panel per NoProp-DT run;
+- ``val_loss.png``: validation cross-entropy of the predictions (comparable across methods);
+- ``epoch_time.png``, ``peak_memory.png``: one bar per run.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from noprop_lightning.runs import Run
+from noprop_lightning.runs import Run, loss_tag
+
+#: The training objective each method logs as ``train/loss``.
+LOSS_MEANING = {
+    "NoProp-DT": "weighted block losses + head CE + KL",
+    "NoProp-CT": "weighted denoising loss + head CE + KL",
+    "NoProp-FM": "flow-matching loss + head CE",
+    "Backprop": "cross-entropy",
+}
+
+BLOCK_PREFIX = "train/loss_block_"
+TIME_TAG = "time/train_epoch_s"
 
 
 @dataclass(frozen=True)
 class PlotSpec:
-    """One figure: which tag(s) to draw and how to label them."""
+    """One figure of the report."""
 
     filename: str
     title: str
     ylabel: str
     tags: tuple[str, ...]
-    scale: float = 1.0
-    log_y: bool = False
-    from_zero: bool = False
 
 
 PLOTS = (
+    PlotSpec("val_acc.png", "Validation accuracy", "accuracy (%)", ("val/acc",)),
+    PlotSpec(
+        "val_acc_vs_time.png",
+        "Validation accuracy vs training time",
+        "accuracy (%)",
+        ("val/acc", TIME_TAG),
+    ),
     PlotSpec(
         "train_loss.png",
         "Training loss, epoch mean (each method's own objective)",
         "loss",
         ("train/loss_epoch", "train/loss"),
-        log_y=True,
+    ),
+    PlotSpec(
+        "block_losses.png", "NoProp-DT: each block's loss, epoch mean", "loss", (BLOCK_PREFIX,)
     ),
     PlotSpec(
         "val_loss.png",
@@ -41,33 +71,23 @@ PLOTS = (
         "cross-entropy",
         ("val/loss",),
     ),
-    PlotSpec("val_acc.png", "Validation accuracy", "accuracy (%)", ("val/acc",), scale=100.0),
     PlotSpec(
         "epoch_time.png",
         "Training epoch wall time (validation excluded)",
-        "seconds",
-        ("time/train_epoch_s",),
-        from_zero=True,
+        "seconds per epoch",
+        (TIME_TAG,),
     ),
     PlotSpec(
         "peak_memory.png",
-        "Peak memory per training epoch",
+        "Peak training memory",
         "MiB",
         ("memory/train_peak_allocated_mib", "memory/train_peak_rss_mib"),
-        from_zero=True,
     ),
 )
 
-_MEMORY_NAMES = {
-    "memory/train_peak_allocated_mib": "CUDA allocated",
-    "memory/train_peak_rss_mib": "process RSS",
-}
-
 
 def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write one PNG per quantity of :data:`PLOTS`, all runs overlaid.
-
-    A figure whose quantity no run logged is not written.
+    """Write the figures of :data:`PLOTS`; a figure with nothing to show is not written.
 
     Returns:
         The paths written.
@@ -76,37 +96,235 @@ def plot_runs(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for spec in PLOTS:
-        fig = Figure(figsize=(7, 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        drawn = 0
-        for run in runs:
-            tag = next((t for t in spec.tags if t in run.scalars), None)
-            if tag is None:
-                continue
-            xs, ys = run.by_epoch(tag)
-            label = run.label
-            if tag in _MEMORY_NAMES:
-                label = f"{label} ({_MEMORY_NAMES[tag]})"
-            ax.plot(xs, [y * spec.scale for y in ys], marker="o", label=label)
-            drawn += 1
-        if not drawn:
+        fig = figure(spec.filename, runs)
+        if fig is None:
             continue
-        if spec.log_y and all(
-            y > 0 for run in runs for t in spec.tags for y in run.values(t) if not math.isnan(y)
-        ):
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-        if spec.from_zero:
-            ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
-        ax.set_title(spec.title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(spec.ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend()
         path = out / spec.filename
         fig.savefig(path, dpi=110)
         written.append(path)
     return written
+
+
+def figure(filename: str, runs: Sequence[Run]) -> Figure | None:
+    """The figure ``filename`` of :data:`PLOTS` for ``runs`` (``None``: nothing to show).
+
+    A run has the same colour in every figure (its position in ``runs``).
+    """
+    spec = next(spec for spec in PLOTS if spec.filename == filename)
+    return _DRAW[filename](spec, runs)
+
+
+def _colour(run: Run, runs: Sequence[Run]) -> str:
+    return f"C{next(i for i, r in enumerate(runs) if r is run) % 10}"
+
+
+def _two_lines(label: str) -> str:
+    """``NoProp-DT [a/b]`` -> ``NoProp-DT`` over ``[a/b]`` (bar labels side by side)."""
+    return label.replace(" [", "\n[", 1)
+
+
+# ---------------------------------------------------------------------- figures
+def _figure(panels: int = 1) -> tuple[Figure, list[Axes]]:
+    cols = min(panels, 3)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(7 if cols == 1 else 4.6 * cols, 4.5 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _finish(ax: Axes, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _epoch_axis(ax: Axes, last_epoch: float) -> None:
+    """Whole epochs from 1, with a margin (a one-epoch run is not a degenerate axis)."""
+    last = max(int(math.ceil(last_epoch)), 1)
+    ax.set_xlim(0.5, last + 0.5)
+    if last <= 12:
+        ax.set_xticks(range(1, last + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _log_if_positive(ax: Axes, values: Sequence[float]) -> None:
+    finite = [v for v in values if not math.isnan(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+
+
+def _by_epoch_figure(spec: PlotSpec, runs: Sequence[Run], scale: float) -> Figure | None:
+    fig, (ax,) = _figure()
+    last = 0.0
+    for run in runs:
+        xs, ys = run.by_epoch(spec.tags[0])
+        if xs:
+            colour = _colour(run, runs)
+            ax.plot(xs, [y * scale for y in ys], marker="o", label=run.label, color=colour)
+            last = max(last, max(xs))
+    if not last:
+        return None
+    _epoch_axis(ax, last)
+    _finish(ax, spec.title, "epoch", spec.ylabel)
+    return fig
+
+
+def _val_acc(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    return _by_epoch_figure(spec, runs, 100.0)
+
+
+def _val_loss(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    return _by_epoch_figure(spec, runs, 1.0)
+
+
+def accuracy_over_time(run: Run) -> tuple[list[float], list[float]]:
+    """``(training seconds, validation accuracy %)`` of a run.
+
+    Each validation is placed at the training time spent up to the end of its epoch
+    (validation time excluded).
+    """
+    epochs, times = run.by_epoch(TIME_TAG)
+    elapsed = dict(zip(epochs, accumulate(times), strict=True))
+    xs, ys = [], []
+    for epoch, acc in zip(*run.by_epoch("val/acc"), strict=True):
+        if epoch in elapsed:
+            xs.append(elapsed[epoch])
+            ys.append(100.0 * acc)
+    return xs, ys
+
+
+def _val_acc_vs_time(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    fig, (ax,) = _figure()
+    longest = 0.0
+    for run in runs:
+        xs, ys = accuracy_over_time(run)
+        if xs:
+            ax.plot(xs, ys, marker="o", label=run.label, color=_colour(run, runs))
+            longest = max(longest, max(xs))
+    if not longest:
+        return None
+    ax.set_xlim(0, longest * 1.05)
+    _finish(ax, spec.title, "training time (s, validation excluded)", spec.ylabel)
+    return fig
+
+
+def _train_loss(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    methods: dict[str, list[Run]] = {}
+    for run in runs:
+        if loss_tag(run) in run.scalars:
+            methods.setdefault(str(run.hparams.get("method") or run.label), []).append(run)
+    if not methods:
+        return None
+    fig, axes = _figure(len(methods))
+    for ax, (method, group) in zip(axes, methods.items(), strict=True):
+        values: list[float] = []
+        last = 0.0
+        for run in group:
+            xs, ys = run.by_epoch(loss_tag(run))
+            ax.plot(xs, ys, marker="o", label=run.label, color=_colour(run, runs))
+            values += ys
+            last = max(last, max(xs))
+        _log_if_positive(ax, values)
+        _epoch_axis(ax, last)
+        meaning = LOSS_MEANING.get(method, "its training objective")
+        _finish(ax, f"{method}\n{meaning}", "epoch", "training loss", legend=len(group) > 1)
+        ax.title.set_fontsize("medium")
+    fig.suptitle(spec.title)
+    return fig
+
+
+def block_tags(run: Run) -> list[str]:
+    """The per-block loss tags of a run, in block order."""
+    return sorted(t for t in run.scalars if t.startswith(BLOCK_PREFIX))
+
+
+def _block_losses(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    with_blocks = [run for run in runs if block_tags(run)]
+    if not with_blocks:
+        return None
+    fig, axes = _figure(len(with_blocks))
+    for ax, run in zip(axes, with_blocks, strict=True):
+        tags = block_tags(run)
+        colours = [colormaps["viridis"](i / max(len(tags) - 1, 1)) for i in range(len(tags))]
+        values: list[float] = []
+        last = 0.0
+        for tag, colour in zip(tags, colours, strict=True):
+            xs, ys = run.by_epoch(tag)
+            block = int(tag.removeprefix(BLOCK_PREFIX))
+            ax.plot(xs, ys, marker=".", color=colour, label=f"block {block}")
+            values += ys
+            last = max(last, max(xs))
+        _log_if_positive(ax, values)
+        _epoch_axis(ax, last)
+        _finish(ax, run.label, "epoch", "SNR-weighted denoising loss", legend=False)
+        ax.legend(fontsize="x-small", ncol=2 if len(tags) > 5 else 1)
+    fig.suptitle(spec.title)
+    return fig
+
+
+def _bars(
+    ax: Axes,
+    labels: Sequence[str],
+    heights: Sequence[float],
+    colours: Sequence[str],
+    fmt: Callable[[float], str],
+) -> None:
+    bars = ax.bar(range(len(labels)), heights, color=colours)
+    texts = [fmt(h) for h in heights]
+    ax.bar_label(bars, texts, label_type="center", color="white", fontweight="bold")
+    ax.set_xticks(range(len(labels)), labels, fontsize="small")
+    ax.set_ylim(0, max(heights) * 1.15)
+
+
+def _epoch_time(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    timed = [(run, run.values(TIME_TAG)) for run in runs if run.values(TIME_TAG)]
+    if not timed:
+        return None
+    fig, (ax,) = _figure()
+    means = [sum(t) / len(t) for _, t in timed]
+    labels = [_two_lines(run.label) for run, _ in timed]
+    colours = [_colour(run, runs) for run, _ in timed]
+    _bars(ax, labels, means, colours, lambda v: f"{v:.2f} s")
+    spread = [(m - min(t), max(t) - m) for m, (_, t) in zip(means, timed, strict=True)]
+    errors = list(zip(*spread, strict=True))
+    ax.errorbar(range(len(timed)), means, yerr=errors, fmt="none", ecolor="black", capsize=4)
+    ax.set_ylim(0, max(max(t) for _, t in timed) * 1.15)
+    title = f"{spec.title}\nmean over epochs; whiskers: fastest and slowest epoch"
+    _finish(ax, title, "", spec.ylabel, legend=False)
+    return fig
+
+
+def _peak_memory(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
+    measured = []
+    for run in runs:
+        tag, kind = run.memory_tag()
+        if tag is not None:
+            label = f"{_two_lines(run.label)}\n({kind})"
+            measured.append((label, max(run.values(tag)), _colour(run, runs)))
+    if not measured:
+        return None
+    fig, (ax,) = _figure()
+    labels, peaks, colours = zip(*measured, strict=True)
+    _bars(ax, labels, peaks, colours, lambda v: f"{v:,.0f} MiB")
+    _finish(ax, f"{spec.title}\nhighest epoch peak of the run", "", spec.ylabel, legend=False)
+    return fig
+
+
+_DRAW: dict[str, Callable[[PlotSpec, Sequence[Run]], Figure | None]] = {
+    "val_acc.png": _val_acc,
+    "val_acc_vs_time.png": _val_acc_vs_time,
+    "train_loss.png": _train_loss,
+    "block_losses.png": _block_losses,
+    "val_loss.png": _val_loss,
+    "epoch_time.png": _epoch_time,
+    "peak_memory.png": _peak_memory,
+}

@@ -7,8 +7,9 @@ Usage::
 Each ``RUN_DIR`` is a folder with ``events.out.tfevents.*`` files (a Lightning
 ``version_N`` folder) or any folder above such folders: every folder holding event files
 is one run. The table is printed and written to ``<out>/summary.md``; the figures
-``train_loss.png``, ``val_loss.png``, ``val_acc.png``, ``epoch_time.png`` and
-``peak_memory.png`` overlay all runs, one figure per quantity.
+are those of :mod:`noprop_lightning.plots`: validation accuracy per epoch and against
+training time, the training loss (one panel per method), NoProp's per-block losses,
+validation cross-entropy, and bars of epoch time and peak memory per run.
 
 The scalars read are the ones this package's modules and callbacks log (``train/``,
 ``val/``, ``test/``, ``time/``, ``memory/``, ``throughput/``); the method, execution path
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from noprop_lightning.callbacks.summary import format_value
 from noprop_lightning.errors import exit_status
@@ -76,12 +78,13 @@ def table_rows(runs: Sequence[Run]) -> list[list[str]]:
 
 def rich_table(runs: Sequence[Run], title: str = "Run comparison") -> Table:
     """The comparison as a rich table."""
-    table = Table(title=title, show_header=True)
+    table = Table(title=Text(title), show_header=True)
     table.add_column("quantity", style="bold")
     for run in runs:
-        table.add_column(run.label, justify="right", overflow="fold")
+        # Text, not markup: a label like "NoProp-DT [quickstart/version_0]" stays as written.
+        table.add_column(Text(run.label), justify="right", overflow="fold")
     for row in table_rows(runs):
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     return table
 
 
@@ -178,16 +181,17 @@ def report(
     markdown = out / "summary.md"
     markdown.write_text(markdown_table(runs))
     figures = plot_runs(runs, out)
-    console.print(f"wrote {markdown} and {len(figures)} figures under {out}/")
+    console.print(f"wrote {markdown} and {len(figures)} figures under {out}/", markup=False)
     return ReportResult(runs=runs, figures=figures, markdown=markdown)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point; returns the exit status (2 after a user error)."""
     parser = argparse.ArgumentParser(
-        prog="python -m noprop_lightning.report",
+        prog=prog or "python -m noprop_lightning.report",
         description="Compare finished runs from their TensorBoard event files: print a table, "
-        "write summary.md and PNG plots (loss, accuracy, epoch time, peak memory).",
+        "write summary.md and PNG plots (accuracy per epoch and vs training time, losses per "
+        "method and per block, epoch time, peak memory).",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) with event files")
     parser.add_argument("--out", default="results", help="output folder (default: results)")

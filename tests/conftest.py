@@ -68,3 +68,10 @@ def _no_seed_from_an_earlier_test(monkeypatch):
     their run seed from it: without this, a test's random streams would depend on which
     tests ran before it."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _argv_of_a_bare_command(monkeypatch):
+    """Tests call the CLI with explicit args; pytest's own ``sys.argv`` would make Lightning
+    warn that both were given (as it should for a real command line)."""
+    monkeypatch.setattr("sys.argv", ["noprop-lightning"])

@@ -40,3 +40,20 @@ def tiny_trainer(tmp_path=None, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class BareDataModule(L.LightningDataModule):
+    """A user's own data module with none of the attributes the CLI links into the model."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return tiny_loader(n=16, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return tiny_loader(n=8, batch_size=self.batch_size, seed=1)
+
+    def test_dataloader(self) -> DataLoader:
+        return tiny_loader(n=8, batch_size=self.batch_size, seed=2)

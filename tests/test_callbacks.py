@@ -491,7 +491,7 @@ def test_prediction_writer_writes_probabilities_in_dataset_order(tmp_path, file_
     x, _ = tiny_batch(20)
     expected = torch.softmax(module.predict_logits(x), dim=-1)
     if file_format == "csv":
-        rows = list(csv.reader(out.open()))
+        rows = list(csv.reader(out.read_text().splitlines()))
         assert rows[0][:3] == ["index", "pred", "prob_0"] and len(rows) == 21
         probs = torch.tensor([[float(v) for v in row[2:]] for row in rows[1:]])
         assert [int(row[0]) for row in rows[1:]] == list(range(20))

@@ -201,6 +201,28 @@ BAD_INPUTS = [
         ["--model.init_args.objective.eta", ".nan"],
         "objective.eta must be a finite number > 0.0, got nan",
     ),
+    (
+        "num_classes other than the data module's",
+        ["--model.init_args.num_classes", "5"],
+        "model.init_args.num_classes = 5 conflicts with the data module: "
+        "DigitsDataModule.num_classes is 10.",
+    ),
+    (
+        "image_size other than the data module's",
+        ["--model.init_args.image_size", "28"],
+        "model.init_args.image_size = 28 conflicts with the data module: "
+        "DigitsDataModule.image_size is 8.",
+    ),
+    (
+        "own data module without num_classes",
+        ["--data", "tests.helpers.BareDataModule"],
+        "the data module BareDataModule has no `num_classes`, which the model needs",
+    ),
+    (
+        "own data module, image_size missing",
+        ["--data", "tests.helpers.BareDataModule", "--model.init_args.num_classes", "4"],
+        "the data module BareDataModule has no `in_channels`, which the model needs",
+    ),
 ]
 
 
@@ -304,6 +326,19 @@ def test_truncated_or_missing_checkpoint_via_cli(quick_checkpoint, tmp_path, cap
 
 
 # ---------------------------------------------------------------------- data vs model
+def test_own_data_module_with_the_model_sizes_given_explicitly(tmp_path):
+    sizes = ["--model.init_args.num_classes", "4", "--model.init_args.in_channels", "1"]
+    sizes += ["--model.init_args.image_size", "8"]
+    cli = main([*QUICK, "--data", "tests.helpers.BareDataModule", *sizes])
+    assert (cli.model.num_classes, cli.model.in_channels, cli.model.image_size) == (4, 1, 8)
+    assert cli.trainer.state.finished
+
+
+def test_data_module_value_stated_again_on_the_model_is_accepted(tmp_path):
+    cli = main([*QUICK, "--model.init_args.num_classes", "10"])
+    assert cli.model.num_classes == 10
+
+
 def test_num_classes_mismatch_with_data_module(tmp_path):
     model = NoPropModule(**{**TINY, "num_classes": 4}, num_blocks=2)  # digits have 10 classes
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)

@@ -93,10 +93,12 @@ def test_compare_mnist_end_to_end(tmp_path, fake_mnist_dir):
         assert s["mean_epoch_s"] > 0 and s["peak_memory_mib"] > 0
     assert result.runs[0].summary()["execution"] == "sequential"
     assert sorted(p.name for p in result.figures) == [
+        "block_losses.png",
         "epoch_time.png",
         "peak_memory.png",
         "train_loss.png",
         "val_acc.png",
+        "val_acc_vs_time.png",
         "val_loss.png",
     ]
     assert (tmp_path / "results" / "summary.md").is_file()
@@ -110,7 +112,7 @@ def test_compare_cifar10_end_to_end(tmp_path, fake_cifar10_dir):
     config = saved_config(result.runs[0].path)
     assert config["data"]["class_path"].endswith("CIFAR10DataModule")
     assert all(r.summary()["test_acc"] is not None for r in result.runs)
-    assert len(result.figures) == 5
+    assert len(result.figures) == 7
 
 
 def test_failed_child_run_is_reported(tmp_path, capfd):

@@ -187,6 +187,8 @@ def test_rng_state_is_restored_only_when_a_fit_resumes(tmp_path):
             accelerator="cpu",
             logger=False,
             enable_progress_bar=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
             callbacks=[RNGStateCheckpoint(), Probe()],
         )
         torch.manual_seed(1234)

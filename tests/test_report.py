@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import default_callbacks
+from noprop_lightning.plots import accuracy_over_time, figure
 from noprop_lightning.report import PLOTS, ReportError, load_runs, main, report
 from tests.helpers import TINY, tiny_loader, tiny_network, tiny_trainer
 
@@ -132,3 +133,66 @@ def test_runs_as_a_module(runs, tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 0
     assert "Run comparison" in capsys.readouterr().out
     assert (out / "val_acc.png").is_file() and (out / "summary.md").is_file()
+
+
+def visible_axes(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_accuracy_over_training_time(runs):
+    (run,) = load_runs([runs.noprop.log_dir])
+    seconds, accuracy = accuracy_over_time(run)
+    times = [r["train_epoch_s"] for r in runs.noprop.timer.history]
+    assert seconds == pytest.approx([times[0], times[0] + times[1]], rel=1e-5)
+    assert accuracy == pytest.approx([100 * a for a in runs.noprop.summary.val_history], rel=1e-5)
+    (ax,) = visible_axes(figure("val_acc_vs_time.png", load_runs([runs.root])))
+    assert len(ax.lines) == 2 and ax.get_xlim()[0] == 0
+    assert "training time" in ax.get_xlabel()
+
+
+def test_each_method_has_its_own_loss_axis(runs):
+    loaded = load_runs([runs.noprop.log_dir, runs.backprop.log_dir])
+    axes = visible_axes(figure("train_loss.png", loaded))
+    assert [ax.get_title().splitlines()[0] for ax in axes] == ["NoProp-DT", "Backprop"]
+    assert axes[1].get_title().splitlines()[1] == "cross-entropy"
+    assert all(len(ax.lines) == 1 for ax in axes)
+
+
+def test_block_losses_one_line_per_block_for_noprop_runs_only(runs):
+    loaded = load_runs([runs.noprop.log_dir, runs.backprop.log_dir])
+    (ax,) = visible_axes(figure("block_losses.png", loaded))
+    assert ax.get_title() == "NoProp-DT"
+    assert [line.get_label() for line in ax.lines] == ["block 1", "block 2"]
+    assert figure("block_losses.png", loaded[1:]) is None  # backprop has no blocks
+
+
+def test_bars_of_epoch_time_and_memory(runs):
+    loaded = load_runs([runs.noprop.log_dir, runs.backprop.log_dir])
+    (ax,) = visible_axes(figure("epoch_time.png", loaded))
+    heights = [patch.get_height() for patch in ax.patches]
+    means = [r.summary()["mean_epoch_s"] for r in loaded]
+    assert heights == pytest.approx(means)
+    (ax,) = visible_axes(figure("peak_memory.png", loaded))
+    peaks = [r.summary()["peak_memory_mib"] for r in loaded]
+    assert [patch.get_height() for patch in ax.patches] == pytest.approx(peaks)
+    assert [t.get_text() for t in ax.get_xticklabels()][0] == "NoProp-DT\n(process RSS)"
+
+
+def test_one_epoch_runs_get_a_real_epoch_axis(tmp_path):
+    torch.manual_seed(0)
+    one = tiny_run(tmp_path, "one", NoPropModule(**MLP_TINY, num_blocks=2), epochs=1)
+    loaded = load_runs([one.log_dir])
+    for name in ("val_acc.png", "train_loss.png", "block_losses.png", "val_loss.png"):
+        (ax,) = visible_axes(figure(name, loaded))
+        assert ax.get_xlim() == (0.5, 1.5), name
+
+
+def test_labels_with_brackets_are_printed_as_written(runs, tmp_path):
+    second = tmp_path / "copy" / "version_0"
+    second.mkdir(parents=True)
+    for f in Path(runs.noprop.log_dir).glob("events.out.tfevents.*"):
+        (second / f.name).write_bytes(f.read_bytes())
+    console = Console(record=True, width=200)
+    report([runs.noprop.log_dir, second], tmp_path / "out", console=console)
+    text = console.export_text()
+    assert "NoProp-DT [copy/version_0]" in text

@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noprop_lightning"
 FLOORS = {
     "errors": 0,
     "settings": 1,
+    "config_files": 1,
     "nets": 2,
     "schedules": 2,
     "data": 2,
@@ -38,6 +39,7 @@ FLOORS = {
     "compare": 7,
     "merge": 7,
     "__init__": 8,
+    "console": 9,  # the installed command: dispatches to the CLI and the tools
 }
 
 #: Parts that must run without Lightning (plain torch: testable without a Trainer).

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,6 +30,9 @@ RNG_STATE_KEY = "noprop_rng_states"
 
 class RNGStateCheckpoint(Callback):
     """Save the global RNG states with every checkpoint; restore them when a fit resumes.
+
+    On load it also resolves relative ``ModelCheckpoint`` folders (see
+    :func:`absolute_checkpoint_dirs`).
 
     The package's modules add it themselves (``configure_callbacks``); add it to the
     ``Trainer``'s callbacks for any other module.
@@ -51,6 +55,35 @@ class RNGStateCheckpoint(Callback):
         states = checkpoint.get(RNG_STATE_KEY)
         if states is not None and trainer.state.fn == TrainerFn.FITTING:
             restore_rng_states(states)
+        absolute_checkpoint_dirs(checkpoint)
+
+
+def absolute_checkpoint_dirs(checkpoint: dict[str, Any]) -> None:
+    """Make the paths in saved ``ModelCheckpoint`` states absolute, in place.
+
+    A ``ModelCheckpoint`` without a ``dirpath`` saves under the logger's folder and records
+    that path (and the best and last checkpoint paths) as formed, relative when the
+    logger's ``save_dir`` is; one given a ``dirpath`` resolves it to an absolute path.
+    Restoring the first into the second (a resumed fit, ``test --ckpt_path``) then warns
+    that "the dirpath has changed" although it names the same folder, drops the best-k
+    bookkeeping, and a resumed fit writes ``last-v1.ckpt`` beside ``last.ckpt``. Resolving
+    the saved paths against the current folder (where relative ones were meant) removes
+    only that false alarm: a really different folder still warns. Called before the
+    callbacks load their states.
+    """
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict)):
+            continue
+        for name in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
+            state[name] = _absolute(state.get(name))
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {_absolute(k): v for k, v in state["best_k_models"].items()}
+
+
+def _absolute(path: Any) -> Any:
+    if isinstance(path, str) and path and "://" not in path and not os.path.isabs(path):
+        return os.path.realpath(path)
+    return path
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -15,7 +15,8 @@ class CompactModelSummary(RichModelSummary):
 
     Lightning 2.6 prints a FLOPs column that is all zeros unless the module has an
     ``example_input_array``, and a row per metric object (0 parameters). This summary drops
-    the FLOPs column and total when nothing was counted, and the parameter-free rows, and
+    the FLOPs column and total when nothing was counted, the parameter-free rows and the row
+    numbers (which would skip the dropped rows), and
     keeps everything else (name, type, parameters, mode, sizes). Usable in any Lightning
     project in place of ``RichModelSummary``.
 
@@ -38,7 +39,12 @@ class CompactModelSummary(RichModelSummary):
     ) -> None:
         """Print the table and the totals (see the class docstring)."""
         columns = [name for name, _ in summary_data]
-        keep = [i for i, name in enumerate(columns) if name != "FLOPs" or total_flops > 0]
+        # The unnamed first column numbers the rows; with rows dropped it would skip numbers.
+        keep = [
+            i
+            for i, name in enumerate(columns)
+            if name.strip() and (name != "FLOPs" or total_flops > 0)
+        ]
         rows = [
             row
             for row in zip(*(values for _, values in summary_data), strict=True)
@@ -46,17 +52,19 @@ class CompactModelSummary(RichModelSummary):
         ]
         table = Table(header_style="bold magenta")
         for i in keep:
-            table.add_column(columns[i] or " ", justify="right" if i and i > 2 else "left")
+            table.add_column(
+                columns[i], justify="left" if columns[i] in ("Name", "Type", "Mode") else "right"
+            )
         for row in rows:
             table.add_row(*(row[i] for i in keep))
         console = Console()
         console.print(table)
         frozen = total_parameters - trainable_parameters
         totals = [
-            f"trainable params: {get_human_readable_count(trainable_parameters)}",
-            f"non-trainable: {get_human_readable_count(frozen)}",
+            f"trainable params: {get_human_readable_count(trainable_parameters).strip()}",
+            f"non-trainable: {get_human_readable_count(frozen).strip()}",
             f"size: {model_size:,.1f} MB",
         ]
         if total_flops > 0:
-            totals.append(f"FLOPs: {get_human_readable_count(total_flops)}")
+            totals.append(f"FLOPs: {get_human_readable_count(total_flops).strip()}")
         console.print(", ".join(totals))

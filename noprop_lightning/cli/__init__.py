@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import lightning.pytorch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from noprop_lightning.cli.checkpoints import (
-    LINKED_DATA_PROPERTIES,
     SPECIAL_CKPT_PATHS,
     check_model_against_checkpoint,
     checkpoint_dirpath,
@@ -22,7 +23,9 @@ from noprop_lightning.cli.checkpoints import (
     is_special_ckpt_path,
     read_checkpoint_header,
 )
+from noprop_lightning.cli.configs import NamedConfigFile
 from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import quiet_known_noise
 
 __all__ = [
@@ -63,10 +66,29 @@ class NoPropCLI(LightningCLI):
     #: The checkpoint of ``--ckpt_path``, read once (``None``: none given).
     _ckpt_header: dict[str, Any] | None = None
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, with a ``--config`` that also takes a shipped config's name."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.pytorch.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument(
+            "-c",
+            "--config",
+            action=NamedConfigFile,
+            help="A config file (json or yaml), or the name of a shipped config such as "
+            "quickstart (`noprop-lightning configs` lists them).",
+        )
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data properties to the model and add ``--test_after_fit``."""
+        self._links = DataLinks()
         for name in LINKED_DATA_PROPERTIES:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+            parser.link_arguments(
+                "data",
+                f"model.init_args.{name}",
+                compute_fn=functools.partial(self._linked_value, name),
+                apply_on="instantiate",
+            )
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -77,7 +99,35 @@ class NoPropCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
         super().parse_arguments(parser, args)
+        self._links = DataLinks(self._explicit_model_args(parser, args), self._model_takes())
         self._check_ckpt_path()
+
+    def _linked_value(self, name: str, datamodule: Any) -> Any:
+        return self._links.value(name, datamodule)
+
+    def _explicit_model_args(self, parser: LightningArgumentParser, args: Any) -> dict:
+        """The model's ``init_args`` as the user gave them (no defaults filled in)."""
+        if isinstance(args, dict | Namespace):
+            given = parser.parse_object(args, defaults=False)
+        else:
+            given = parser.parse_args(args, defaults=False)
+        model = self._section(given).get("model")
+        init_args = model.get("init_args") if isinstance(model, Namespace) else None
+        if init_args is None:
+            return {}
+        return {k: init_args[k] for k in LINKED_DATA_PROPERTIES if init_args.get(k) is not None}
+
+    def _model_takes(self) -> set[str]:
+        model = self._model_config()
+        init_args = model.get("init_args") if model is not None else None
+        return {k for k in LINKED_DATA_PROPERTIES if init_args is not None and k in init_args}
+
+    @staticmethod
+    def _section(config: Namespace) -> Namespace:
+        """The subcommand's part of a parsed config (the whole one with ``run=False``)."""
+        subcommand = config.get("subcommand")
+        section = config.get(subcommand) if subcommand else config
+        return section if section is not None else Namespace()
 
     def _parse_ckpt_path(self) -> None:
         """Merge the checkpoint's hyper-parameters, keeping the config's runtime settings."""
@@ -95,14 +145,15 @@ class NoPropCLI(LightningCLI):
                 model.init_args[key] = value
 
     def _model_config(self) -> Any:
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return None
-        model = self.config[subcommand].get("model")
+        model = self._section(self.config).get("model")
         return model if model is not None and hasattr(model, "class_path") else None
 
     def before_instantiate_classes(self) -> None:
-        """Add the package's progress bar; with ``--ckpt_path``, keep checkpoints in place.
+        """Add the package's progress bar and summary; with ``--ckpt_path``, keep checkpoints.
+
+        Unless the config names its own (or disables them), the trainer gets
+        :class:`~noprop_lightning.callbacks.ProgressBar` and
+        :class:`~noprop_lightning.callbacks.CompactModelSummary`.
 
         The checkpoint records where its ``ModelCheckpoint`` saved; pointing the config's
         ``ModelCheckpoint`` there means a resumed fit goes on writing (and tracking the best
@@ -111,12 +162,20 @@ class NoPropCLI(LightningCLI):
         """
         trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
         callbacks = trainer.get("callbacks") if trainer is not None else None
-        if trainer is not None and trainer.get("enable_progress_bar") is not False:
+        if trainer is not None:
             names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
-            if not any("ProgressBar" in name for name in names):
-                # Lightning's rich bar without the logger version (v_num): see ProgressBar.
-                bar = Namespace(class_path="noprop_lightning.callbacks.ProgressBar")
-                trainer.callbacks = callbacks = [*(callbacks or []), bar]
+            added = []
+            if trainer.get("enable_progress_bar") is not False:
+                if not any("ProgressBar" in name for name in names):
+                    # Lightning's rich bar without the logger version (v_num): see ProgressBar.
+                    added.append(Namespace(class_path="noprop_lightning.callbacks.ProgressBar"))
+            if trainer.get("enable_model_summary") is not False:
+                if not any("ModelSummary" in name for name in names):
+                    # Without an empty FLOPs column or parameter-free rows.
+                    summary = "noprop_lightning.callbacks.CompactModelSummary"
+                    added.append(Namespace(class_path=summary))
+            if added:
+                trainer.callbacks = callbacks = [*(callbacks or []), *added]
         dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
         if dirpath is None or not isinstance(callbacks, list):
             return
@@ -159,7 +218,16 @@ def _exit_with(message: str) -> NoReturn:
     sys.exit(USER_ERROR_EXIT_CODE)
 
 
-def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
+def default_prog() -> str:
+    """How the CLI was started, for usage lines and hints."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    name = Path(argv0).name
+    if name in ("__main__.py", "-c", ""):
+        return "python -m noprop_lightning.cli"
+    return name if name == "noprop-lightning" else f"python {name}"
+
+
+def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCLI | None:
     """Run the CLI; user errors print one paragraph and exit with status 2.
 
     User errors are: unknown or misspelled options and config keys, values that fail a
@@ -169,13 +237,20 @@ def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
 
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
+        prog: The command name in usage lines (default: how the process was started, e.g.
+            ``noprop-lightning`` or ``python cli.py``).
 
     Returns:
         The CLI object (useful in tests); user errors exit instead of returning.
     """
     quiet_known_noise()
+    prog = prog or default_prog()
     subcommands = LightningCLI.subcommands()
-    parser_kwargs = {**_PARSER_KWARGS, **{name: dict(_PARSER_KWARGS) for name in subcommands}}
+    parser_kwargs = {
+        **_PARSER_KWARGS,
+        "prog": prog,
+        **{name: dict(_PARSER_KWARGS) for name in subcommands},
+    }
     try:
         return NoPropCLI(
             LightningModule,
@@ -192,10 +267,9 @@ def main(args: Sequence[str] | None = None) -> NoPropCLI | None:
         user_error = find_user_error(err)
         if user_error is not None:
             _exit_with(str(user_error))
-        command = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "cli.py"
         _exit_with(
             f"invalid option or config value: {condense_parser_message(str(err))}. "
-            f"Run `python {command} <subcommand> --help` to list the accepted options."
+            f"Run `{prog} <subcommand> --help` to list the accepted options."
         )
     except Exception as err:
         user_error = find_user_error(err)

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 
 from noprop_lightning.callbacks.checkpoint import flatten_mapping, structural_differences
+from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
 from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
 from noprop_lightning.modules.base import ClassifierModule
-
-#: The model arguments that the CLI links from the data module.
-LINKED_DATA_PROPERTIES = ("num_classes", "in_channels", "image_size")
 
 #: ``--ckpt_path`` values that Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")

@@ -1,0 +1,65 @@
+"""Data properties linked into the model, with errors instead of silent defaults.
+
+jsonargparse's own ``link_arguments("data.num_classes", ...)`` skips a link whose source
+attribute is missing (the model then trains with its default of 10 classes) and overwrites
+a value the user gave the model. :class:`DataLinks` links the whole data module instead and
+decides itself: the data module's value wins when it has one, an explicit model value is
+used when it has not, and a disagreement or a value known to neither is an ``error:``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from noprop_lightning.errors import ConfigurationError
+
+#: The model arguments that the CLI links from the data module.
+LINKED_DATA_PROPERTIES = ("num_classes", "in_channels", "image_size")
+
+
+def _normalise(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+class DataLinks:
+    """The values of :data:`LINKED_DATA_PROPERTIES` for one CLI run.
+
+    Args:
+        explicit: Model arguments the user stated (command line or config file), without
+            defaults; the ``init_args`` of ``--model`` parsed with ``defaults=False``.
+        accepted: Names among :data:`LINKED_DATA_PROPERTIES` that the model's class takes
+            (a user's own LightningModule may take none of them: nothing is linked then).
+    """
+
+    def __init__(self, explicit: Mapping[str, Any] | None = None, accepted: Any = ()) -> None:
+        self.explicit = dict(explicit or {})
+        self.accepted = set(accepted)
+
+    def value(self, name: str, datamodule: Any) -> Any:
+        """The value of model argument ``name`` given the instantiated data module.
+
+        Raises:
+            ConfigurationError: The data module and the model settings disagree, or neither
+                provides a value the model needs.
+        """
+        if name not in self.accepted:
+            return None  # not a parameter of the model: jsonargparse ignores the link
+        given = self.explicit.get(name)
+        data_name = type(datamodule).__name__
+        found = getattr(datamodule, name, None)
+        if found is not None:
+            if given is not None and _normalise(given) != _normalise(found):
+                raise ConfigurationError(
+                    f"model.init_args.{name} = {given!r} conflicts with the data module: "
+                    f"{data_name}.{name} is {found!r}. The CLI takes {name} from the data "
+                    f"module; drop it from the model settings (or change the data)."
+                )
+            return found
+        if given is not None:
+            return given
+        raise ConfigurationError(
+            f"the data module {data_name} has no `{name}`, which the model needs (the CLI "
+            f"links num_classes, in_channels and image_size from the data module). Give "
+            f"{data_name} a `{name}` attribute or property, or set --model.init_args.{name}."
+        )
