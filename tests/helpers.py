@@ -36,6 +36,7 @@ def tiny_trainer(tmp_path=None, **kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # tiny loaders: Lightning warns when an epoch has fewer steps
         default_root_dir=tmp_path,
     )
     defaults.update(kwargs)

@@ -212,6 +212,20 @@ def test_run_summary_table(noprop_run, capsys):
     assert "test acc" not in out
 
 
+def test_standalone_test_summary_has_the_test_numbers(noprop_run, tmp_path, capsys):
+    """A ``test`` without a fit before it (a new trainer): no "epochs 0", and the
+    test's own peak memory with its kind."""
+    callbacks = default_callbacks()
+    trainer = tiny_trainer(tmp_path, callbacks=callbacks)
+    trainer.test(noprop_run.model, tiny_loader(n=16, batch_size=8, seed=2), verbose=False)
+    out = capsys.readouterr().out
+    s = callbacks[3].summary
+    assert s["peak_memory_kind"] == "process RSS"
+    assert s["test_peak_memory_mib"] == callbacks[1].logged["memory/test_peak_rss_mib"] > 0
+    assert "peak test memory (process RSS)" in out and "epochs" not in out
+    assert s["test_acc"] == pytest.approx(float(trainer.callback_metrics["test/acc"]))
+
+
 # ---------------------------------------------------------------------- timing
 def test_training_time_excludes_validation():
     timer = EpochTimer()

@@ -308,24 +308,25 @@ def test_sigkill_mid_epoch_then_resume_from_last_ckpt(tmp_path, monkeypatch):
 
 
 def test_cli_resume_and_test_keep_the_relative_checkpoint_folder(tmp_path, monkeypatch):
-    """The shipped configs log under ./lightning_logs (relative): resuming and testing
-    reuse that folder without "dirpath has changed" and without a ``last-v1.ckpt``."""
+    """The shipped configs log under ./lightning_logs (relative): testing after fit,
+    resuming and testing again reuse that folder without "dirpath has changed" and
+    without a ``last-v1.ckpt``."""
     monkeypatch.chdir(tmp_path)
     small = ["--model.init_args.num_blocks", "2", "--model.init_args.network.channels", "[4,4,4]"]
     small += ["--model.init_args.network.hidden", "16", "--trainer.limit_train_batches", "2"]
     small += ["--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"]
-    small += ["--trainer.enable_progress_bar", "false", "--test_after_fit", "false"]
-    main(["fit", "--config", "quickstart", "--trainer.max_epochs", "1", *small])
+    small += ["--trainer.enable_progress_bar", "false"]
     folder = Path("lightning_logs/quickstart/version_0/checkpoints")
-    saved = torch.load(folder / "last.ckpt", weights_only=True)["callbacks"]
-    (state,) = [v for k, v in saved.items() if k.startswith("ModelCheckpoint")]
-    assert not Path(state["dirpath"]).is_absolute()  # Lightning's own relative record
     last = str(folder / "last.ckpt")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        main(["fit", "--config", "quickstart", "--trainer.max_epochs", "1", *small])
+        saved = torch.load(folder / "last.ckpt", weights_only=True)["callbacks"]
+        (state,) = [v for k, v in saved.items() if k.startswith("ModelCheckpoint")]
+        assert not Path(state["dirpath"]).is_absolute()  # Lightning's own relative record
         cli = main(["fit", "--config", "quickstart", "--trainer.max_epochs", "2", *small,
                     "--ckpt_path", last])  # fmt: skip
-        main(["test", "--config", "quickstart", *small[:-2], "--ckpt_path", last])
+        main(["test", "--config", "quickstart", *small, "--ckpt_path", last])
     assert cli.trainer.current_epoch == 2
     assert not [w for w in seen if "dirpath has changed" in str(w.message)]
     names = sorted(p.name for p in folder.iterdir())

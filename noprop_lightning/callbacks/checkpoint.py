@@ -31,8 +31,8 @@ RNG_STATE_KEY = "noprop_rng_states"
 class RNGStateCheckpoint(Callback):
     """Save the global RNG states with every checkpoint; restore them when a fit resumes.
 
-    On load it also resolves relative ``ModelCheckpoint`` folders (see
-    :func:`absolute_checkpoint_dirs`).
+    On load it also reconciles relative and absolute names of the same checkpoint folder
+    (see :func:`match_checkpoint_dirs`).
 
     The package's modules add it themselves (``configure_callbacks``); add it to the
     ``Trainer``'s callbacks for any other module.
@@ -55,35 +55,45 @@ class RNGStateCheckpoint(Callback):
         states = checkpoint.get(RNG_STATE_KEY)
         if states is not None and trainer.state.fn == TrainerFn.FITTING:
             restore_rng_states(states)
-        absolute_checkpoint_dirs(checkpoint)
+        match_checkpoint_dirs(trainer, checkpoint)
 
 
-def absolute_checkpoint_dirs(checkpoint: dict[str, Any]) -> None:
-    """Make the paths in saved ``ModelCheckpoint`` states absolute, in place.
+def match_checkpoint_dirs(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Write saved ``ModelCheckpoint`` paths the way the live callbacks name that folder.
 
     A ``ModelCheckpoint`` without a ``dirpath`` saves under the logger's folder and records
-    that path (and the best and last checkpoint paths) as formed, relative when the
-    logger's ``save_dir`` is; one given a ``dirpath`` resolves it to an absolute path.
-    Restoring the first into the second (a resumed fit, ``test --ckpt_path``) then warns
-    that "the dirpath has changed" although it names the same folder, drops the best-k
-    bookkeeping, and a resumed fit writes ``last-v1.ckpt`` beside ``last.ckpt``. Resolving
-    the saved paths against the current folder (where relative ones were meant) removes
-    only that false alarm: a really different folder still warns. Called before the
-    callbacks load their states.
+    that path (and its best and last checkpoints) as formed, relative when the logger's
+    ``save_dir`` is; one given a ``dirpath`` resolves it to an absolute path. Restoring
+    one form into the other (a resumed fit, ``test --ckpt_path``) makes Lightning warn
+    that "the dirpath has changed" although it is the same folder, drop the best-k
+    bookkeeping, and a resumed fit writes ``last-v1.ckpt`` beside ``last.ckpt``. When the
+    saved folder and the live callback's are the same folder on disk, the saved paths are
+    rewritten in the live callback's form, in place; a really different folder is left as
+    it is (and Lightning still warns). Called before the callbacks load their states.
     """
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if not (str(key).startswith("ModelCheckpoint") and isinstance(state, dict)):
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.checkpoint_callbacks:
+        state = states.get(getattr(callback, "state_key", None))
+        live = getattr(callback, "dirpath", None)
+        if not isinstance(state, dict) or not isinstance(live, str) or "://" in live:
             continue
-        for name in ("dirpath", "best_model_path", "kth_best_model_path", "last_model_path"):
-            state[name] = _absolute(state.get(name))
+        saved = state.get("dirpath")
+        if not isinstance(saved, str) or saved == live or "://" in saved:
+            continue
+        if os.path.realpath(saved) != os.path.realpath(live):
+            continue
+
+        def moved(path: Any, saved: str = saved, live: str = live) -> Any:
+            if isinstance(path, str) and path:
+                if os.path.realpath(os.path.dirname(path)) == os.path.realpath(saved):
+                    return os.path.join(live, os.path.basename(path))
+            return path
+
+        state["dirpath"] = live
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[name] = moved(state.get(name))
         if isinstance(state.get("best_k_models"), dict):
-            state["best_k_models"] = {_absolute(k): v for k, v in state["best_k_models"].items()}
-
-
-def _absolute(path: Any) -> Any:
-    if isinstance(path, str) and path and "://" not in path and not os.path.isabs(path):
-        return os.path.realpath(path)
-    return path
+            state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -154,6 +154,10 @@ class RunSummary(Callback):
             key = key or "peak_rss_mib"
             peak = max(r[key] for r in memory.history)
             peak_kind = "CUDA allocated" if key == "peak_allocated_mib" else "process RSS"
+        elif memory and "memory/test_peak_allocated_mib" in memory.logged:
+            peak_kind = "CUDA allocated"  # a standalone test: no training epochs measured
+        elif memory and "memory/test_peak_rss_mib" in memory.logged:
+            peak_kind = "process RSS"
         test_key = "peak_allocated_mib" if peak_kind == "CUDA allocated" else "peak_rss_mib"
         return {
             "method": desc.method,

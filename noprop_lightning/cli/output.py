@@ -29,6 +29,14 @@ IGNORED_WARNINGS = (
         "Lightning 2.6 calls a pytree API that torch 2.14 deprecates, in its own loops; it "
         "works, and only a Lightning release can change it",
     ),
+    (
+        r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+        UserWarning,
+        "NoProp steps every block's optimizer in training_step (manual optimization); a "
+        "checkpoint holding the state after those steps is the one to resume from (it "
+        "matches global_step). Lightning's suggested fix is a hook for a module with a "
+        "`layer` attribute, not a problem of the run",
+    ),
 )
 
 

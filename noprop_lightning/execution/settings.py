@@ -24,19 +24,15 @@ class ExecutionSettings(Settings):
     speed and memory. See :mod:`noprop_lightning.execution`.
 
     Attributes:
-        mode: ``"sequential"`` (one block at a time; lowest memory), ``"threaded"`` (a
-            thread pool; one CUDA stream per worker) or ``"fused"`` (chunks of blocks
-            vectorised with ``torch.func.vmap``).
-        num_threads: Worker threads of ``"threaded"`` (``None``: one per CPU core, at most
-            one per block).
+        mode: One block at a time (least memory), a thread pool (a CUDA stream per
+            worker), or chunks of blocks vectorised with ``torch.func.vmap``.
+        num_threads: Threads of ``"threaded"`` (``None``: one per core, <= one per block).
         chunk_size: Blocks per vectorised chunk of ``"fused"`` (``None``: all blocks).
-        diffusion_backend: ``"torch"`` or ``"numba"`` (fused CPU kernels) for the noisy-label
-            sampling, the weighted denoising losses and the inference update.
-        train_blocks: The 0-based blocks this run trains (``None``: all). The others are
-            neither stepped nor given optimizer state; checkpoints of runs that trained
-            different blocks merge into one model (``python -m noprop_lightning.merge``).
-        train_head: Whether this run trains the classifier head (and a trainable
-            embedding). Of several runs to be merged, exactly one should.
+        diffusion_backend: Torch ops, or fused Numba CPU kernels, for the noise, the
+            weighted losses and the inference update.
+        train_blocks: The 0-based blocks this run trains (``None``: all); runs that
+            trained different blocks merge (``noprop-lightning merge``).
+        train_head: Train the head (and a trainable embedding); one of merged runs should.
     """
 
     mode: ExecutionMode = "sequential"

@@ -45,18 +45,16 @@ class NoPropModule(BlockwiseModule):
     command line with ``--ckpt_path``) without touching its weights.
 
     Args:
-        num_classes: Number of classes ``K`` (linked from the data module by the CLI).
+        num_classes: ``K`` (the CLI links it from the data module).
         in_channels: Image channels (linked from the data module).
         image_size: Image height = width (linked from the data module).
-        num_blocks: ``T``, the number of denoising blocks (10 in the paper).
-        embedding: ``"onehot"``, ``"learned"`` or ``"prototype"``.
-        embed_dim: Embedding dimension for ``"learned"`` (default 20); must be unset or
-            consistent for the other kinds.
+        num_blocks: ``T``, the number of blocks (paper: 10).
+        embedding: The label embedding ``W_embed``.
+        embed_dim: Dimension of a ``"learned"`` embedding (default 20); the others fix it.
         network: The blocks' encoder, widths, dropout and head init (:class:`BlockNetwork`).
         objective: ``eta`` and the cosine schedule's SNR bounds (:class:`DTSettings`).
-        block_order: ``"all"`` updates every block on every batch; ``"random"`` one block,
-            drawn uniformly, per batch (same objective in expectation).
-        inference: ``"stochastic"`` (the paper) or ``"deterministic"``.
+        block_order: Every block on every batch, or one random block per batch.
+        inference: The paper's noisy denoising chain, or a noise-free one.
         execution: How the block updates run and the diffusion backend
             (:class:`~noprop_lightning.execution.ExecutionSettings`).
         optimizer: Factory called once per block and once for the head/embedding.

@@ -16,11 +16,10 @@ class NetworkSettings(Settings):
     """The image encoder and the width shared by every block.
 
     Attributes:
-        encoder: ``"conv"`` (the paper's stack), ``"mlp"``, or the import path of a class or
-            factory ``(in_channels, image_size, out_features) -> nn.Module`` mapping
-            ``(B, C, H, W)`` to ``(B, out_features)`` (for example ``"my_pkg.MyEncoder"``).
-            From Python the class itself may be given; checkpoints store its import path.
-        channels: Widths of the conv encoder's three convolutions (paper: 32, 64, 128).
+        encoder: ``"conv"`` (the paper's), ``"mlp"``, or the import path of a class or
+            factory ``(in_channels, image_size, out_features) -> nn.Module`` (for example
+            ``"my_pkg.MyEncoder"``; from Python also the class itself).
+        channels: Widths of the conv encoder's three layers (paper: 32, 64, 128).
         hidden: Feature width of the block (paper: 256).
         dropout: Dropout probability of the encoder, in ``[0, 1)``.
     """
@@ -56,9 +55,8 @@ class BlockNetwork(NetworkSettings):
     """Settings of the NoProp-DT block (and of the backprop baseline built from it).
 
     Attributes:
-        head_init: The classifier head on ``z_T``: ``"embedding"`` (a nearest-embedding
-            reader, default) or ``"default"`` (PyTorch's random init); see
-            :class:`~noprop_lightning.nets.ClassifierHead`.
+        head_init: The classifier head on ``z_T`` starts as a nearest-embedding reader,
+            or with PyTorch's random init (:class:`~noprop_lightning.nets.ClassifierHead`).
     """
 
     head_init: HeadInit = "embedding"

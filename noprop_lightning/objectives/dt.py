@@ -31,9 +31,8 @@ class DTSettings(Settings):
 
     Attributes:
         eta: Weight ``eta`` of the denoising loss (paper: 0.1), > 0.
-        snr_min: ``SNR(0)`` of the cosine schedule (``z_0`` nearly pure noise), > 0.
-        snr_max: ``SNR(T)``, the bound that keeps the last block's loss weight finite; a
-            real hyper-parameter (the paper only says "fixed cosine").
+        snr_min: ``SNR(0)`` of the cosine schedule, > 0.
+        snr_max: ``SNR(T)``, which caps the last block's loss weight (not in the paper).
     """
 
     eta: float = 0.1
