@@ -38,6 +38,7 @@ _EXPORTS = {
     "FlowMatchingPath": "noprop_lightning.schedules",
     "ImageClassificationDataModule": "noprop_lightning.data",
     "LabelEmbedding": "noprop_lightning.nets",
+    "LastCheckpoint": "noprop_lightning.callbacks",
     "LearnableSchedule": "noprop_lightning.schedules",
     "MNISTDataModule": "noprop_lightning.data",
     "NoPropCTModule": "noprop_lightning.modules",
@@ -76,6 +77,7 @@ __all__ = [
     "FlowMatchingPath",
     "ImageClassificationDataModule",
     "LabelEmbedding",
+    "LastCheckpoint",
     "LearnableSchedule",
     "MNISTDataModule",
     "NoPropCTModule",
@@ -107,6 +109,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers see the real imports
     from noprop_lightning.callbacks import (
         EpochTimer,
+        LastCheckpoint,
         PeakMemoryMonitor,
         RNGStateCheckpoint,
         RunSummary,

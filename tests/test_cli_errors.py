@@ -393,10 +393,15 @@ def test_nan_in_one_block_stops_with_step_and_block_and_keeps_last_checkpoint(tm
     assert saved["global_step"] == 12
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
     # No optimizer stepped on the poisoned batch: the parameters of the healthy blocks and
-    # the head still equal the checkpoint's (the forward did update BatchNorm buffers).
+    # the head still equal the checkpoint's, and so do all buffers (the BatchNorm statistics
+    # the bad forward pass moved were put back).
     healthy = [(n, p) for n, p in module.named_parameters() if not n.startswith("blocks.1.")]
     assert len(healthy) > 10
     for name, value in healthy:
+        assert torch.equal(value, saved["state_dict"][name]), name
+    buffers = [(n, b) for n, b in module.named_buffers() if n in saved["state_dict"]]
+    assert any("running_mean" in name for name, _ in buffers)
+    for name, value in buffers:
         assert torch.equal(value, saved["state_dict"][name]), name
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from fakedata import write_fake_cifar10, write_fake_mnist, write_idx
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from noprop_lightning.data import (
     CIFAR10DataModule,
@@ -21,6 +21,7 @@ from noprop_lightning.data import (
     ImageClassificationDataModule,
     MNISTDataModule,
 )
+from noprop_lightning.data.sampling import ResumableSampler, drop_single_sample_batch
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError
 
 MNIST_FILES = [
@@ -142,7 +143,8 @@ def test_mnist_loaders(fake_mnist_dir: Path) -> None:
     dm = MNISTDataModule(data_dir=str(fake_mnist_dir), batch_size=20, val_size=16)
     dm.setup()
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler)
+    # A seeded per-epoch permutation that a mid-epoch resume continues (tests below).
+    assert isinstance(train.sampler, ResumableSampler) and train.sampler.shuffle
     assert train.drop_last is False
     assert len(train) == 3  # 48 samples, last batch of 8 kept
     assert isinstance(dm.val_dataloader().sampler, SequentialSampler)
@@ -423,3 +425,39 @@ def test_val_size_larger_than_train_split(fake_mnist_dir: Path) -> None:
     dm = MNISTDataModule(data_dir=str(fake_mnist_dir))  # default val_size=5000 > 64 images
     with pytest.raises(ConfigurationError, match="val_size=5000"):
         dm.setup("fit")
+
+
+def test_training_order_is_seeded_per_epoch_and_ignores_the_global_rng():
+    data = torch.utils.data.TensorDataset(torch.arange(30))
+    sampler = ResumableSampler(data, num_replicas=1, rank=0, seed=7)
+    sampler.set_epoch(0)
+    torch.manual_seed(1)
+    first = list(sampler)
+    torch.manual_seed(2)
+    assert list(sampler) == first and sorted(first) == list(range(30))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    other_seed = ResumableSampler(data, num_replicas=1, rank=0, seed=8)
+    assert list(other_seed) != first
+
+
+def test_a_resumed_epoch_continues_after_the_samples_done():
+    data = torch.utils.data.TensorDataset(torch.arange(30))
+    sampler = ResumableSampler(data, num_replicas=1, rank=0, seed=7)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.resume(epoch=3, samples=12)
+    assert list(sampler) == full[12:]
+    assert list(sampler) == full  # once: the next pass over epoch 3 is whole again
+    sampler.resume(epoch=3, samples=12)
+    sampler.set_epoch(4)  # the checkpoint was saved at the end of epoch 3
+    assert len(list(sampler)) == 30
+
+
+def test_a_last_batch_of_one_sample_is_dropped(fake_mnist_dir: Path) -> None:
+    assert drop_single_sample_batch(49, 8) and not drop_single_sample_batch(48, 8)
+    assert not drop_single_sample_batch(50, 8) and not drop_single_sample_batch(5, 1)
+    dm = MNISTDataModule(data_dir=str(fake_mnist_dir), batch_size=47, val_size=16)
+    dm.setup()  # 48 training samples: 47 + 1
+    train = dm.train_dataloader()
+    assert train.drop_last and [len(x) for x, _ in train] == [47]

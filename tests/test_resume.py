@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from noprop_lightning import BackpropModule, NoPropModule
+from noprop_lightning import BackpropModule, MNISTDataModule, NoPropModule
 from noprop_lightning.callbacks.checkpoint import RNG_STATE_KEY
 from noprop_lightning.cli import main
 from noprop_lightning.errors import CheckpointMismatchError
@@ -276,9 +276,10 @@ def test_sigkill_mid_epoch_then_resume_from_last_ckpt(tmp_path, monkeypatch):
     last_logged_step, last_logged_batch, _ = done[-1]
 
     # Nothing corrupt is left behind: every checkpoint file loads (writes are atomic: the
-    # bytes go to a temporary file that is renamed over the old one).
-    files = sorted(ckpt_dir.iterdir())
-    assert all(f.suffix == ".ckpt" for f in files), files
+    # bytes go to a temporary file beside the target that is renamed over the old one; a
+    # kill during a save leaves that hidden .partial file, removed by the next save).
+    files = sorted(f for f in ckpt_dir.iterdir() if not f.name.endswith(".partial"))
+    assert all(f.suffix == ".ckpt" and not f.name.startswith(".") for f in files), files
     states = {f.name: torch.load(f, weights_only=True) for f in files}
     last = states["last.ckpt"]
     # Saved in on_train_batch_end: the batch is processed (its "completed" count follows).
@@ -305,6 +306,7 @@ def test_sigkill_mid_epoch_then_resume_from_last_ckpt(tmp_path, monkeypatch):
     ]
     final = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert final["global_step"] == 3 * (batches_done + more)
+    assert not [f for f in ckpt_dir.iterdir() if f.name.endswith(".partial")]
 
 
 def test_cli_resume_and_test_keep_the_relative_checkpoint_folder(tmp_path, monkeypatch):
@@ -336,3 +338,55 @@ def test_cli_resume_and_test_keep_the_relative_checkpoint_folder(tmp_path, monke
         "version_1",
         "version_2",
     ]
+
+
+# ---------------------------------------------------------------------- mid-epoch resume
+def fit_mnist(method, data_dir, root, max_epochs, seed=0, ckpt_path=None):
+    """A fit through the package's data module, with a checkpoint every 3 batches."""
+    L.seed_everything(seed)
+    size = {"num_classes": 10, "in_channels": 1, "image_size": 28}
+    network = tiny_network(encoder="mlp", dropout=0.2)
+    if method == "noprop":
+        module = NoPropModule(**size, num_blocks=2, network=network)
+        steps_per_batch = 3  # one optimizer step per block and one for the head
+    else:
+        module = BackpropModule(**size, num_blocks=2, network=network)
+        steps_per_batch = 1
+    every = ModelCheckpoint(
+        dirpath=root, filename="{step}", every_n_train_steps=3 * steps_per_batch, save_top_k=-1
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        deterministic=True,
+        logger=False,
+        callbacks=[every],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    data = MNISTDataModule(data_dir=str(data_dir), batch_size=8, val_size=16)  # 6 batches
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, trainer, steps_per_batch
+
+
+@pytest.mark.parametrize("method", ["noprop", "backprop"])
+def test_mid_epoch_resume_through_the_data_module_is_exact(method, fake_mnist_dir, tmp_path):
+    """Stopped after batch 3 of epoch 2 and resumed (other seed): the same weights as
+    without the stop, bit for bit, because the rest of the epoch is the same images."""
+    module, trainer, per_batch = fit_mnist(method, fake_mnist_dir, tmp_path / "full", 3)
+    reference = training_state(module, trainer)
+    mid = tmp_path / "full" / f"step={(6 + 3) * per_batch}.ckpt"  # epoch 1, 3 of 6 batches
+    saved = torch.load(mid, weights_only=True)
+    assert saved["MNISTDataModule"]["training_order"]["samples"] == 3 * 8
+
+    module, trainer, _ = fit_mnist(method, fake_mnist_dir, tmp_path / "b", 3, 1234, mid)
+    assert differences(reference, training_state(module, trainer)) == []
+
+    # Control: without the training-order state the resumed epoch starts a fresh order.
+    del saved["MNISTDataModule"]
+    torch.save(saved, tmp_path / "no_order.ckpt")
+    module, trainer, _ = fit_mnist(
+        method, fake_mnist_dir, tmp_path / "c", 3, 1234, tmp_path / "no_order.ckpt"
+    )
+    assert differences(reference["state_dict"], training_state(module, trainer)["state_dict"])

@@ -5,13 +5,16 @@
 * :class:`RunSummary`: a rich table at the end of ``fit`` and ``test``.
 * :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
 * :class:`RNGStateCheckpoint`: the global RNG states in every checkpoint (exact resume).
+* :class:`LastCheckpoint`: ``last.ckpt`` = the latest state (every epoch, on SIGTERM, ...).
 * :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
 * :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
 * :class:`PredictionWriter`: ``predict``'s probabilities and classes to a CSV or tensor file.
 """
 
+from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
+from noprop_lightning.callbacks.last import LastCheckpoint
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
 from noprop_lightning.callbacks.model_summary import CompactModelSummary
 from noprop_lightning.callbacks.predictions import PredictionWriter
@@ -32,8 +35,10 @@ def default_callbacks() -> list:
 
 
 __all__ = [
+    "AtomicCheckpointIO",
     "CompactModelSummary",
     "EpochTimer",
+    "LastCheckpoint",
     "ModuleDescription",
     "PeakMemoryMonitor",
     "PredictionWriter",

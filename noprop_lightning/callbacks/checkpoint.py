@@ -20,8 +20,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
+from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.errors import CheckpointMismatchError
 
 #: Checkpoint key under which the global RNG states (torch, CUDA, numpy, python) are stored.
@@ -32,11 +34,18 @@ class RNGStateCheckpoint(Callback):
     """Save the global RNG states with every checkpoint; restore them when a fit resumes.
 
     On load it also reconciles relative and absolute names of the same checkpoint folder
-    (see :func:`match_checkpoint_dirs`).
+    (see :func:`match_checkpoint_dirs`), and in ``setup`` it makes the trainer write
+    checkpoints with :class:`~noprop_lightning.callbacks.atomic.AtomicCheckpointIO` when the
+    strategy uses Lightning's plain ``TorchCheckpointIO``.
 
     The package's modules add it themselves (``configure_callbacks``); add it to the
     ``Trainer``'s callbacks for any other module.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Install :class:`AtomicCheckpointIO` in place of a plain ``TorchCheckpointIO``."""
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

@@ -14,11 +14,13 @@ import lightning.pytorch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from noprop_lightning.cli.checkpoints import (
     SPECIAL_CKPT_PATHS,
     check_model_against_checkpoint,
     checkpoint_dirpath,
+    config_wins,
     import_class,
     is_special_ckpt_path,
     read_checkpoint_header,
@@ -44,6 +46,9 @@ _PARSER_KWARGS: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
 
 #: Exit status of every error caused by user input (bad option, config, data, checkpoint).
 USER_ERROR_EXIT_CODE = 2
+
+#: Exit status after SIGTERM (128 + 15, the shell's convention for a terminated process).
+SIGTERM_EXIT_CODE = 143
 
 
 class NoPropCLI(LightningCLI):
@@ -135,7 +140,7 @@ class NoPropCLI(LightningCLI):
         keep = {}
         if model is not None and model.get("init_args") is not None:
             cls = import_class(str(model.class_path))
-            for key in getattr(cls, "runtime_hparams", ()):
+            for key in config_wins(cls):
                 if key in model.init_args:
                     keep[key] = copy.deepcopy(model.init_args[key])
         super()._parse_ckpt_path()
@@ -180,18 +185,28 @@ class NoPropCLI(LightningCLI):
         if dirpath is None or not isinstance(callbacks, list):
             return
         for callback in callbacks:
-            if str(getattr(callback, "class_path", "")).endswith(".ModelCheckpoint"):
+            if str(getattr(callback, "class_path", "")).endswith(
+                (".ModelCheckpoint", ".LastCheckpoint")
+            ):
                 if callback.get("init_args") is not None:
                     callback.init_args.dirpath = dirpath
 
     def after_fit(self) -> None:
-        """Evaluate on the test split after fitting (best checkpoint when there is one)."""
+        """Evaluate on the test split after fitting.
+
+        The model tested is the best checkpoint of the first ``ModelCheckpoint`` with a
+        monitor (validation accuracy in the shipped configs), else the weights in memory.
+        """
         if not self.config[self.subcommand].get("test_after_fit", True):
             return
         if self.trainer.interrupted:
             return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+        best = [
+            c.best_model_path
+            for c in self.trainer.checkpoint_callbacks
+            if getattr(c, "monitor", None) is not None and getattr(c, "best_model_path", "")
+        ]
+        ckpt_path = best[0] if best else None  # None: the weights in memory
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
     # ------------------------------------------------------------------ checkpoint checks
@@ -271,6 +286,11 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
             f"invalid option or config value: {condense_parser_message(str(err))}. "
             f"Run `{prog} <subcommand> --help` to list the accepted options."
         )
+    except SIGTERMException:
+        # Lightning stops after the current batch and exits with status 0; a scheduler
+        # must see that the job did not finish (LastCheckpoint said where the state is).
+        print("stopped by SIGTERM before the end of training (exit status 143)", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT_CODE)
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:

@@ -16,6 +16,18 @@ from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
 from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
 from noprop_lightning.modules.base import ClassifierModule
 
+#: Model settings a resumed run takes from its config, not from the checkpoint: the
+#: optimizer (a changed learning rate is applied to the restored optimizers, see
+#: :class:`~noprop_lightning.modules.resume.ResumeHooks`), besides each module's
+#: ``runtime_hparams``.
+CONFIG_WINS_ON_RESUME = ("optimizer",)
+
+
+def config_wins(model_class: Any) -> tuple[str, ...]:
+    """The model settings the config gives on resume (see :data:`CONFIG_WINS_ON_RESUME`)."""
+    return (*getattr(model_class, "runtime_hparams", ()), *CONFIG_WINS_ON_RESUME)
+
+
 #: ``--ckpt_path`` values that Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
@@ -109,7 +121,7 @@ def check_model_against_checkpoint(
             "shape. Remove the options that change these settings (or reuse the config.yaml "
             "saved next to the run's checkpoints), or start a fresh run without --ckpt_path."
         )
-    runtime = tuple(getattr(config_class, "runtime_hparams", ()))
+    runtime = config_wins(config_class)
     other_keys = [
         k for k in flatten_mapping(saved) if k not in keys and k.split(".")[0] not in runtime
     ]

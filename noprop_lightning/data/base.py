@@ -9,15 +9,16 @@ seeded permutation; the test split is only read for ``test``/``predict``.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from noprop_lightning.data.files import (
     DatasetCorruptError,
@@ -27,46 +28,19 @@ from noprop_lightning.data.files import (
     missing_message,
     validate_arguments,
 )
+from noprop_lightning.data.sampling import (
+    ORDER_KEY,
+    TrainingLoader,
+    drop_single_sample_batch,
+    training_order_state,
+    training_sampler,
+)
+from noprop_lightning.data.tensors import TensorImageDataset
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError, NoPropUserError
 
 __all__ = ["DatasetCorruptError", "ImageClassificationDataModule", "Split", "TensorImageDataset"]
 
 Split = Literal["train", "test"]
-
-
-class TensorImageDataset(Dataset[tuple[Tensor, Tensor]]):
-    """A dataset over in-memory image and label tensors.
-
-    Args:
-        images: Normalised images, ``float32`` of shape ``(N, C, H, W)``.
-        labels: Class indices, ``int64`` of shape ``(N,)``.
-        transform: Optional callable applied to each ``(C, H, W)`` image on access (used for
-            training-time augmentation only).
-
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        transform: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"images and labels differ in length: {images.shape[0]} != {labels.shape[0]}"
-            )
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index]
 
 
 class ImageClassificationDataModule(LightningDataModule, ABC):
@@ -140,6 +114,8 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         self.test_dataset: TensorImageDataset | None = None
         self.train_indices: Tensor | None = None
         self.val_indices: Tensor | None = None
+        self._resume_order: dict | None = None
+        self._sampler: Any = None
 
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
@@ -235,28 +211,44 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
             self.test_dataset = TensorImageDataset(self._normalise(images), labels)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the training split."""
+        """Shuffled loader over the training split, continued exactly after a resume.
+
+        The order is :class:`~noprop_lightning.data.sampling.ResumableSampler`'s; a last
+        batch of a single sample is dropped (BatchNorm cannot train on one sample).
+        """
         if self.train_dataset is None:
             self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=True)
+        sampler = training_sampler(self.train_dataset, self.trainer, self._resume_order)
+        self._resume_order, self._sampler = None, sampler
+        drop = drop_single_sample_batch(len(sampler), self.batch_size)
+        loader = functools.partial(TrainingLoader, seed=sampler.seed)
+        return self._loader(self.train_dataset, sampler, drop, loader=loader)
+
+    def state_dict(self) -> dict:
+        """Where the training order stands (saved in checkpoints for an exact resume)."""
+        return {ORDER_KEY: training_order_state(self.trainer, self._sampler)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the training order of a checkpoint (see :meth:`state_dict`)."""
+        self._resume_order = state_dict.get(ORDER_KEY) or None
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the validation split (carved from the train split)."""
         if self.val_dataset is None:
             self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
         """Loader over the test split."""
         if self.test_dataset is None:
             self.setup("test")
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self.test_dataset)
 
     def predict_dataloader(self) -> DataLoader:
         """Loader over the test split (images and labels), for ``Trainer.predict``."""
         if self.test_dataset is None:
             self.setup("predict")
-        return self._loader(self.test_dataset, shuffle=False)
+        return self._loader(self.test_dataset)
 
     def class_examples(self, per_class: int = 64) -> tuple[Tensor, Tensor]:
         """Return up to ``per_class`` normalised training images of every class.
@@ -334,13 +326,19 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return images.sub_(mean).div_(std).contiguous()
 
-    def _loader(self, dataset: TensorImageDataset | None, shuffle: bool) -> DataLoader:
+    def _loader(
+        self,
+        dataset: TensorImageDataset | None,
+        sampler: Any = None,
+        drop_last: bool = False,
+        loader: Callable[..., DataLoader] = DataLoader,
+    ) -> DataLoader:
         assert dataset is not None
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=False,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torchmetrics.classification import MulticlassAccuracy
 
-from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules import guards
 from noprop_lightning.modules.optim import (
@@ -22,16 +19,15 @@ from noprop_lightning.modules.optim import (
     build_optimizer,
     scheduler_config,
 )
+from noprop_lightning.modules.resume import ResumeHooks
 from noprop_lightning.objectives.streams import stream_seed
 from noprop_lightning.settings import Settings, check_int
 
-#: Checkpoint key of the run's seed.
-RUN_SEED_KEY = "noprop_run_seed"
 #: Stream keys of the evaluation stages (distinct from any block index).
 EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(ResumeHooks, L.LightningModule):
     """Base class: optimizers and schedulers, metrics, logging, validation/test/predict steps.
 
     Subclasses supply the networks and three things:
@@ -106,6 +102,7 @@ class ClassifierModule(L.LightningModule):
         optimizers = [
             build_optimizer(self.optimizer_factory, g.params, g.owner, g.tag) for g in groups
         ]
+        self.remember_optimizer_settings(optimizers)
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
         configs = [
@@ -157,7 +154,7 @@ class ClassifierModule(L.LightningModule):
         terms = self.training_losses(x, y)
         # Lightning steps after this returns, so a NaN never reaches the weights.
         named = {self.loss_name if k == "loss" else k: v for k, v in terms.items()}
-        guards.check_finite_losses(self._trainer, named, self.step_name(batch_idx))
+        self.check_finite_losses(named, batch_idx)
         progress = self.progress_terms(terms)
         self.log_training(
             terms["loss"],
@@ -181,6 +178,8 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         guards.check_images(x, self.in_channels, self.image_size)
         guards.check_labels(y, self.num_classes, on_device=batch_idx == 0)
+        if self.training and x.shape[0] == 1:
+            guards.check_batch_size(self, 1, f"the training batch at {self.step_name(batch_idx)}")
         return x, y
 
     def step_name(self, batch_idx: int) -> str:
@@ -210,8 +209,10 @@ class ClassifierModule(L.LightningModule):
             self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_start(self) -> None:
-        """Drop validation state accumulated by the sanity check."""
+        """Drop the sanity check's validation state; apply changed settings on resume."""
         self.val_acc.reset()
+        if self.trainer.ckpt_path is not None:
+            self.apply_changed_optimizer_settings()
 
     # ------------------------------------------------------------------ inference
     #: The random stream of stochastic inference during a validation, test or predict epoch
@@ -294,6 +295,9 @@ class ClassifierModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
         guards.check_datamodule_matches(self._trainer, self.shape_values())
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if getattr(datamodule, "batch_size", None) == 1:
+            guards.check_batch_size(self, 1, "batch_size of the data module")
         if self._run_seed is None:
             seed = self.default_seed()
             if self._trainer is not None and self.trainer.world_size > 1:
@@ -303,41 +307,3 @@ class ClassifierModule(L.LightningModule):
     def on_test_start(self) -> None:
         """Refuse a data module whose classes or image shape differ from the model's."""
         guards.check_datamodule_matches(self._trainer, self.shape_values())
-
-    # ------------------------------------------------------------------ the run's seed
-    #: The seed of the run's own random streams (inference noise, NoProp's per-block
-    #: streams); fixed at the first ``fit`` and kept in checkpoints.
-    _run_seed: int | None = None
-
-    @staticmethod
-    def default_seed() -> int:
-        """``seed_everything``'s seed (``PL_GLOBAL_SEED``), else torch's initial seed."""
-        env = os.environ.get("PL_GLOBAL_SEED")
-        return int(env) if env is not None else int(torch.initial_seed())
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the run's seed with the weights."""
-        checkpoint[RUN_SEED_KEY] = self._run_seed
-
-    def configure_callbacks(self) -> list[Callback]:
-        """Save and restore the global RNG states with every checkpoint (exact resume).
-
-        Nothing is added when the trainer already has an :class:`RNGStateCheckpoint` (the
-        user's, or ours from an earlier ``fit`` / ``validate`` on the same trainer).
-        """
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        if any(isinstance(c, RNGStateCheckpoint) for c in callbacks):
-            return []
-        return [RNGStateCheckpoint()]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another model shape (one paragraph, before any tensor moves).
-
-        Raises:
-            CheckpointMismatchError: If the checkpoint was written by a model with other
-                structural hyper-parameters (``T``, embedding, sizes) or parameter shapes.
-        """
-        check_checkpoint_matches(self, checkpoint, self.structural_hparams)
-        if checkpoint.get(RUN_SEED_KEY) is not None:
-            self._run_seed = int(checkpoint[RUN_SEED_KEY])

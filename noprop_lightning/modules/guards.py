@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from noprop_lightning.callbacks.last import LastCheckpoint
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding
 
@@ -59,6 +60,24 @@ def check_labels(labels: Any, num_classes: int, on_device: bool = False) -> None
             f"(labels must lie in 0..{num_classes - 1}): the data and the model disagree on "
             "the number of classes. Build the model with the data's num_classes, or fix the "
             "labels."
+        )
+
+
+def check_batch_size(module: torch.nn.Module, batch_size: int, what: str) -> None:
+    """Refuse to train a model with BatchNorm layers on batches of one sample.
+
+    BatchNorm computes batch statistics in training and fails (with a traceback, after
+    whatever work came before) on a single sample.
+
+    Raises:
+        ConfigurationError: ``batch_size`` is 1 and the model has BatchNorm layers.
+    """
+    batch_norm = (torch.nn.modules.batchnorm._BatchNorm,)
+    if batch_size < 2 and any(isinstance(m, batch_norm) for m in module.modules()):
+        raise ConfigurationError(
+            f"{what} is {batch_size} sample: the model's BatchNorm layers need at least 2 "
+            "samples per training batch. Use --data.batch_size 2 or more (the package's "
+            "data modules already drop a last training batch of one sample)."
         )
 
 
@@ -116,20 +135,35 @@ def check_finite_losses(
             for name, value in zip(losses, values, strict=True)
             if not torch.isfinite(value)
         )
-    last = ""
-    if trainer is not None and trainer.checkpoint_callback is not None:
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-    kept = (
-        f"The last checkpoint, {last}, was written before this step and is intact: resume "
-        "from it with --ckpt_path once the cause is fixed."
-        if last
-        else "No checkpoint had been written yet."
-    )
+    kept = _where_the_state_is(trainer)
     raise TrainingDivergedError(
         f"non-finite training loss at {where}: {culprits}. Training stopped before the "
         f"optimizer steps of this batch. {kept} Typical causes: a learning rate too high for "
         "this model, NaN/inf values in the data, or too low a precision."
     )
+
+
+def _where_the_state_is(trainer: L.Trainer | None) -> str:
+    """What the divergence message says about checkpoints."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+    if last is not None and last.save_on_exception and last.path:
+        return (
+            f"The state before this step is being saved to {last.path}: resume from it with "
+            f"--ckpt_path {last.path} once the cause is fixed (a learning rate changed on "
+            "resume is applied, unless an LR scheduler drives it)."
+        )
+    checkpoints = trainer.checkpoint_callbacks if trainer is not None else []
+    written = [getattr(c, "last_model_path", "") for c in checkpoints]
+    written = [path for path in written if path]
+    if written:
+        return (
+            f"The last checkpoint, {written[0]}, was written before this step and is intact: "
+            "resume from it with --ckpt_path once the cause is fixed "
+            "(noprop_lightning.callbacks.LastCheckpoint would also save the state just "
+            "before the bad step)."
+        )
+    return "No checkpoint had been written yet."
 
 
 def init_prototypes_from_data(

@@ -267,7 +267,7 @@ class NoPropModule(BlockwiseModule):
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
         names = {"loss_head": "head cross-entropy", "kl": "KL"}
         terms = {names[k]: v for k, v in head.items()}
-        guards.check_finite_losses(self._trainer, {**named, **terms}, self.step_name(batch_idx))
+        self.check_finite_losses({**named, **terms}, batch_idx)
         for t in block_ids:
             optimizers[self.layout.optimizer_index(t)].step()
         if self.layout.shared:

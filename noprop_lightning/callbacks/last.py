@@ -1,0 +1,84 @@
+"""``last.ckpt`` that really is the latest state: every epoch, every N steps, on a stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+#: The file name (without ``.ckpt``) Lightning's ``--ckpt_path last`` looks for.
+LAST_NAME = "last"
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keep ``last.ckpt`` the latest training state, whatever the monitored metric does.
+
+    Lightning 2.6's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt``
+    only when the monitored metric improves, so after a plateau a resume from it loses
+    every epoch since the last improvement. This ``ModelCheckpoint`` (no monitor, one file
+    overwritten in place) writes ``last.ckpt``:
+
+    - at the end of every epoch (after validation, so the best-checkpoint bookkeeping of a
+      ``ModelCheckpoint`` listed before it is inside the file);
+    - every ``every_n_train_steps`` optimizer steps as well, when given (a NoProp-DT batch
+      makes ``T + 1`` optimizer steps);
+    - when training stops on an exception: SIGTERM (a scheduler's pre-emption), Ctrl-C, a
+      non-finite loss (checked before the optimizer steps of the batch, so the file holds
+      the state before the bad step). It prints where the state went.
+
+    Use it next to (after) a ``ModelCheckpoint`` that tracks the best model, with that one's
+    ``save_last`` off. Usable in any Lightning project.
+
+    Args:
+        dirpath: Folder of ``last.ckpt`` (default: Lightning's, the logger's
+            ``checkpoints/`` folder).
+        every_n_train_steps: Also save every this many optimizer steps (``None``: only at
+            epoch ends and on a stop).
+        save_on_exception: Save when training stops on an exception.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        every_n_train_steps: int | None = None,
+        save_on_exception: bool = True,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=LAST_NAME,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_train_steps=every_n_train_steps,
+            save_on_exception=save_on_exception,
+            enable_version_counter=False,
+        )
+        # Lightning makes step- and epoch-based saving exclusive; here both apply.
+        self._every_n_epochs = 1
+
+    @property
+    def state_key(self) -> str:
+        """Distinct from any ``ModelCheckpoint``'s (its state is saved beside theirs)."""
+        return self._generate_state_key(kind="last", every_n_train_steps=self._every_n_train_steps)
+
+    @property
+    def path(self) -> str | None:
+        """The file this callback writes (``None`` before the trainer set the folder up)."""
+        if self.dirpath is None:
+            return None
+        return str(Path(self.dirpath) / f"{LAST_NAME}{self.FILE_EXTENSION}")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Save the state reached, and say where it is and how to resume from it."""
+        if self.dirpath is None or not self._should_save_on_exception(trainer):
+            return  # before the folder was set up nothing was trained
+        monitor_candidates = self._monitor_candidates(trainer)
+        self._save_checkpoint(trainer, self.format_checkpoint_name(monitor_candidates))
+        rank_zero_info(
+            f"Saved the training state reached (epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}) to {self.path}: resume with --ckpt_path {self.path}"
+        )

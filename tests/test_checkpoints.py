@@ -1,0 +1,219 @@
+"""Nothing lost: last.ckpt is the latest state, saves are atomic, stops keep the state."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from noprop_lightning import BackpropModule, NoPropModule
+from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
+from noprop_lightning.callbacks import atomic as atomic_module
+from noprop_lightning.cli import main
+from noprop_lightning.errors import CheckpointError, TrainingDivergedError
+from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def frozen_noprop() -> NoPropModule:
+    """A model whose validation accuracy cannot improve (learning rate ~0)."""
+    return NoPropModule(
+        **TINY,
+        num_blocks=2,
+        inference="deterministic",
+        optimizer=lambda params: torch.optim.SGD(params, lr=1e-30),
+    )
+
+
+def test_last_ckpt_is_the_latest_epoch_even_when_val_acc_stalls(tmp_path):
+    best = ModelCheckpoint(dirpath=tmp_path / "lightning", monitor="val/acc", mode="max",
+                           save_last=True)  # fmt: skip
+    last = LastCheckpoint(dirpath=tmp_path / "ours")
+    trainer = tiny_trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                           callbacks=[best, last])  # fmt: skip
+    trainer.fit(frozen_noprop(), tiny_loader(n=32, batch_size=8), tiny_loader(n=16, seed=1))
+    ours = torch.load(tmp_path / "ours" / "last.ckpt", weights_only=True)
+    assert ours["epoch"] == 2 and ours["global_step"] == trainer.global_step == 3 * 4 * 3
+    # Lightning's own save_last: rewritten only when val/acc improved (epoch 0 here).
+    theirs = torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=True)
+    assert theirs["epoch"] == 0
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["last.ckpt"]
+
+
+def test_every_n_steps_and_every_epoch(tmp_path, monkeypatch):
+    saved = []
+    last = LastCheckpoint(dirpath=tmp_path, every_n_train_steps=3)
+    original = LastCheckpoint._save_checkpoint
+
+    def spy(self, trainer, filepath):
+        saved.append(trainer.global_step)
+        original(self, trainer, filepath)
+
+    monkeypatch.setattr(LastCheckpoint, "_save_checkpoint", spy)
+    module = BackpropModule(**TINY, num_blocks=2)  # one optimizer step per batch
+    trainer = tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[last])
+    trainer.fit(module, tiny_loader(n=32, batch_size=8), tiny_loader(n=16, seed=1))
+    assert saved == [3, 4, 6, 8]  # steps 3 and 6, and the ends of the 4-batch epochs
+
+
+def test_a_nan_stop_saves_the_state_before_the_bad_step(tmp_path):
+    x, y = tiny_batch(24)
+    x[17, 0, 0, 0] = float("nan")  # third batch of 8
+    module = BackpropModule(**TINY, num_blocks=2)
+    last = LastCheckpoint(dirpath=tmp_path)
+    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[last])
+    with pytest.raises(TrainingDivergedError) as info:
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
+    path = str(tmp_path / "last.ckpt")
+    assert f"The state before this step is being saved to {path}" in str(info.value)
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 2  # two good batches, the third never stepped
+    for name, value in module.state_dict().items():
+        assert torch.equal(saved["state_dict"][name], value), name
+
+
+# ---------------------------------------------------------------------- atomic writes
+def test_atomic_save_leaves_no_partial_file_and_cleans_old_ones(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"a": torch.ones(3)}, target)
+    # What a kill -9 during a save leaves (of this file, or of another checkpoint):
+    (target.parent / ".last.ckpt.abc123.partial").write_bytes(b"half a checkpoint")
+    (target.parent / ".epoch=3.ckpt.x9.partial").write_bytes(b"half another")
+    (target.parent / "notes.txt").write_text("the user's")
+    io.save_checkpoint({"a": torch.zeros(3)}, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt", "notes.txt"]
+    assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(3))
+
+
+class DiskFull:
+    """``torch`` stand-in whose ``save`` writes a few bytes, then fails like a full disk."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(atomic_module, "torch", DiskFull())
+    with pytest.raises(CheckpointError, match="no space left on the device") as info:
+        io.save_checkpoint({"epoch": 2}, target)
+    assert "The previous last.ckpt is intact (the partial file was removed)" in str(info.value)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_the_package_modules_save_atomically(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(NoPropModule(**TINY, num_blocks=2), tiny_loader(n=16, batch_size=8))
+    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_a_full_disk_through_the_cli_is_one_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(atomic_module, "torch", DiskFull())
+    args = ["fit", "--config", "quickstart", "--model.init_args.num_blocks", "2"]
+    args += ["--model.init_args.network.channels", "[4,4,4]", "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    args += ["--trainer.enable_progress_bar", "false", "--test_after_fit", "false"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on the device while saving" in errors[0]
+    folder = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
+    assert not any(p.name.endswith(".partial") for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------- SIGTERM
+def small_run(*extra: str) -> list[str]:
+    args = ["fit", "--config", "quickstart", "--model.init_args.num_blocks", "2"]
+    args += ["--model.init_args.network.channels", "[4,4,4]", "--model.init_args.network.hidden"]
+    args += ["16", "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1"]
+    args += ["--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.enable_model_summary", "false", "--test_after_fit", "false"]
+    args += ["--trainer.logger.init_args.name", "run", *extra]
+    return args
+
+
+class StepFile(L.Callback):
+    """Writes the number of finished training batches after each one (for the test)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        Path(self.path).write_text(str(batch_idx + 1))
+
+
+def test_sigterm_mid_epoch_saves_exits_143_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A cluster's pre-emption: SIGTERM to a real CLI process mid-epoch, then resume."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    progress = tmp_path / "batches"
+    callback = {"class_path": "tests.test_checkpoints.StepFile",
+                "init_args": {"path": str(progress)}}  # fmt: skip
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    args = small_run("--trainer.callbacks+", json.dumps(callback))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=stopped, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not progress.exists() or int(progress.read_text() or 0) < 20:
+            if proc.poll() is not None:
+                pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("training did not reach 20 batches within 120 s")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM before the end of training" in stderr
+    last = stopped / "lightning_logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"resume with --ckpt_path {last.relative_to(stopped)}" in stderr
+    saved = torch.load(last, weights_only=True)
+    done = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+    assert 20 <= done < 100 and saved["epoch"] == 0  # mid-epoch (~160 batches)
+
+    monkeypatch.chdir(stopped)
+    resumed = main(small_run("--ckpt_path", str(last.relative_to(stopped))))
+    (tmp_path / "whole").mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    whole = main(small_run())
+    assert resumed.trainer.global_step == whole.trainer.global_step
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
