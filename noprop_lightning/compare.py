@@ -137,6 +137,23 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def reserve_folder(parent: Path, stamp: str) -> str:
+    """Create ``parent/<stamp>`` (or ``<stamp>-2``, ``-3`` ...) that no other run has.
+
+    Two comparisons started in the same second get different folders: the folder is
+    created exclusively, so the second one moves on to the next name.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        name = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            (parent / name).mkdir()
+        except FileExistsError:
+            continue
+        return name
+    raise ConfigurationError(f"no free run folder for {stamp} under {parent}")
+
+
 def plan_runs(args: argparse.Namespace, extra: Sequence[str], stamp: str) -> list[PlannedRun]:
     """The two runs (NoProp-DT first), with their arguments and log folders."""
     config_dir = Path(args.config_dir) if args.config_dir else default_config_dir()
@@ -244,17 +261,14 @@ def compare(
         own, extra = argv[:split], argv[split + 1 :]
     args = build_parser(prog).parse_args(own)
     console = console or Console()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    group = Path(args.log_dir) / f"compare_{args.dataset}{SIZES[args.size]}"
+    stamp = reserve_folder(group, datetime.now().strftime("%Y%m%d-%H%M%S"))
     runs = plan_runs(args, extra, stamp)
     run_dirs = [
         run_one(run, console, i, len(runs), in_process=args.in_process)
         for i, run in enumerate(runs, start=1)
     ]
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("results") / f"compare_{args.dataset}{SIZES[args.size]}"
-    )
+    out = Path(args.out) if args.out else Path("results") / group.name / stamp
     console.rule("[bold]comparison[/]")
     result = report(
         run_dirs, out, console=console, title=f"NoProp-DT vs backprop on {args.dataset}"
@@ -295,7 +309,8 @@ def build_parser(prog: str = "python -m noprop_lightning.compare") -> argparse.A
     )
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard root folder")
     parser.add_argument(
-        "--out", help="folder for summary.md and the PNGs (default: results/compare_<dataset>)"
+        "--out",
+        help="folder for summary.md and the PNGs (default: results/compare_<dataset>/<time>)",
     )
     parser.add_argument(
         "--config-dir", help="folder with the config pairs (default: the shipped configs)"

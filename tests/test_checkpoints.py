@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from noprop_lightning.callbacks import atomic as atomic_module
 from noprop_lightning.cli import main
-from noprop_lightning.errors import CheckpointError, TrainingDivergedError
+from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
 
 ROOT = Path(__file__).parents[1]
@@ -217,3 +218,68 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_to_the_same_weights(tmp_p
     assert resumed.trainer.global_step == whole.trainer.global_step
     for name, value in whole.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+# ---------------------------------------------------------------------- changed settings
+def sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def test_a_changed_learning_rate_is_applied_on_resume(tmp_path, caplog):
+    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+                           callbacks=[LastCheckpoint(dirpath=tmp_path)])  # fmt: skip
+    trainer.fit(NoPropModule(**TINY, num_blocks=2, optimizer=sgd(0.1)), tiny_loader(n=16))
+    resumed = tiny_trainer(tmp_path, max_epochs=2, enable_checkpointing=True,
+                           callbacks=[LastCheckpoint(dirpath=tmp_path)])  # fmt: skip
+    module = NoPropModule(**TINY, num_blocks=2, optimizer=sgd(0.01))
+    with caplog.at_level(logging.INFO):
+        resumed.fit(module, tiny_loader(n=16), ckpt_path=tmp_path / "last.ckpt")
+    assert [g["lr"] for opt in resumed.optimizers for g in opt.param_groups] == [0.01] * 3
+    assert "Resumed with changed optimizer settings, applied: lr 0.1 -> 0.01" in caplog.text
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01
+
+
+def test_a_changed_learning_rate_under_a_scheduler_is_refused(tmp_path):
+    halve = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    first = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+                         callbacks=[LastCheckpoint(dirpath=tmp_path)])  # fmt: skip
+    first.fit(NoPropModule(**TINY, num_blocks=2, optimizer=sgd(0.1), scheduler=halve),
+              tiny_loader(n=16))  # fmt: skip
+    again = tiny_trainer(tmp_path, max_epochs=2)
+    same = NoPropModule(**TINY, num_blocks=2, optimizer=sgd(0.1), scheduler=halve)
+    again.fit(same, tiny_loader(n=16), ckpt_path=tmp_path / "last.ckpt")  # same lr: fine
+    assert again.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
+    other = NoPropModule(**TINY, num_blocks=2, optimizer=sgd(0.3), scheduler=halve)
+    with pytest.raises(ConfigurationError, match=r"\(lr 0.1 -> 0.3\), but an LR scheduler"):
+        tiny_trainer(tmp_path, max_epochs=2).fit(
+            other, tiny_loader(n=16), ckpt_path=tmp_path / "last.ckpt"
+        )
+
+
+# ---------------------------------------------------------------------- run folders
+def test_a_fit_given_a_taken_version_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(small_run("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"))
+    config = Path("lightning_logs/run/version_0/config.yaml")
+    before = config.read_text()
+    with pytest.raises(SystemExit) as info:
+        main(small_run("--trainer.logger.init_args.version", "0"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: the logger's folder lightning_logs/run/version_0 already holds another run" in err
+    )
+    assert config.read_text() == before
+    # An explicit version whose folder is free is fine.
+    cli = main(small_run("--trainer.logger.init_args.version", "7",
+                         "--trainer.limit_train_batches", "2"))  # fmt: skip
+    assert Path(cli.trainer.log_dir) == Path("lightning_logs/run/version_7")
+
+
+def test_two_comparisons_in_the_same_second_get_their_own_folders(tmp_path):
+    from noprop_lightning.compare import reserve_folder
+
+    assert reserve_folder(tmp_path, "20261201-120000") == "20261201-120000"
+    assert reserve_folder(tmp_path, "20261201-120000") == "20261201-120000-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-120000", "20261201-120000-2"]

@@ -333,11 +333,15 @@ def test_cli_resume_and_test_keep_the_relative_checkpoint_folder(tmp_path, monke
     assert not [w for w in seen if "dirpath has changed" in str(w.message)]
     names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 2 and names[0].startswith("best-epoch=00") and names[1] == "last.ckpt"
+    # The resumed fit went on in the run's own folder; the later `test` has its own.
     assert sorted(p.name for p in Path("lightning_logs/quickstart").iterdir()) == [
         "version_0",
         "version_1",
-        "version_2",
     ]
+    from noprop_lightning.runs import load_run
+
+    epochs, _ = load_run(Path("lightning_logs/quickstart/version_0")).by_epoch("val/acc")
+    assert epochs == [1, 2]  # both parts of the run in one folder: one run in the report
 
 
 # ---------------------------------------------------------------------- mid-epoch resume

@@ -27,8 +27,9 @@ from noprop_lightning.cli.checkpoints import (
 )
 from noprop_lightning.cli.configs import NamedConfigFile
 from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.folders import place_run
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
-from noprop_lightning.cli.output import quiet_known_noise
+from noprop_lightning.cli.output import quiet_known_noise, resuming_into
 
 __all__ = [
     "LINKED_DATA_PROPERTIES",
@@ -163,7 +164,10 @@ class NoPropCLI(LightningCLI):
         The checkpoint records where its ``ModelCheckpoint`` saved; pointing the config's
         ``ModelCheckpoint`` there means a resumed fit goes on writing (and tracking the best
         checkpoint) beside the earlier ones, and ``test`` / ``validate`` / ``predict``
-        restore its state without Lightning warning that the directory changed.
+        restore its state without Lightning warning that the directory changed. A resumed
+        fit also logs into the run's own version folder, and a fit given the version of a
+        folder that holds another run is refused (:func:`~noprop_lightning.cli.folders.
+        place_run`).
         """
         trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
         callbacks = trainer.get("callbacks") if trainer is not None else None
@@ -181,6 +185,13 @@ class NoPropCLI(LightningCLI):
                     added.append(Namespace(class_path=summary))
             if added:
                 trainer.callbacks = callbacks = [*(callbacks or []), *added]
+            ckpt_path = self.config[self.subcommand].get("ckpt_path")
+            ckpt_path = (
+                None if ckpt_path is None or is_special_ckpt_path(str(ckpt_path)) else ckpt_path
+            )
+            place_run(trainer.get("logger"), ckpt_path, self.subcommand)
+            if ckpt_path is not None and self.subcommand == "fit":
+                resuming_into(Path(str(ckpt_path)).parent)
         dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
         if dirpath is None or not isinstance(callbacks, list):
             return

@@ -7,7 +7,10 @@ package sees Lightning's output unchanged.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
+from pathlib import Path
 
 #: ``(logger message start, why it is harmless)`` of Lightning info lines dropped.
 DROPPED_INFO = (
@@ -38,6 +41,17 @@ IGNORED_WARNINGS = (
         "`layer` attribute, not a problem of the run",
     ),
 )
+
+
+def resuming_into(folder: str | Path) -> None:
+    """Drop ModelCheckpoint's "folder exists and is not empty" for the folder resumed in.
+
+    A fit resumed from ``<folder>/last.ckpt`` writes beside it on purpose; the warning
+    stays for any other non-empty folder (a new run pointed at an old run's checkpoints).
+    """
+    resolved = os.path.realpath(folder)
+    pattern = re.escape(f"Checkpoint directory {resolved} exists and is not empty.")
+    warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
 
 
 class _DropKnownLines(logging.Filter):
