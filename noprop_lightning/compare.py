@@ -261,6 +261,9 @@ def compare(
         own, extra = argv[:split], argv[split + 1 :]
     args = build_parser(prog).parse_args(own)
     console = console or Console()
+    check_execution(args.execution)
+    config_dir = Path(args.config_dir) if args.config_dir else default_config_dir()
+    resolve_configs(config_dir, args.dataset, args.size)  # refuse bad input before any folder
     group = Path(args.log_dir) / f"compare_{args.dataset}{SIZES[args.size]}"
     stamp = reserve_folder(group, datetime.now().strftime("%Y%m%d-%H%M%S"))
     runs = plan_runs(args, extra, stamp)

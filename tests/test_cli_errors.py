@@ -27,7 +27,7 @@ from noprop_lightning import (
     NoPropModule,
 )
 from noprop_lightning.cli import condense_parser_message, main
-from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
+from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from tests.helpers import TINY, tiny_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,6 +323,81 @@ def test_truncated_or_missing_checkpoint_via_cli(quick_checkpoint, tmp_path, cap
     code, error = run_main([*QUICK, "--ckpt_path", str(tmp_path / "nope.ckpt")], capsys)
     assert code == 2
     assert "does not exist" in error
+
+
+def test_plain_torch_save_files_are_not_lightning_checkpoints(quick_checkpoint, tmp_path, capsys):
+    state_dict = torch.load(quick_checkpoint, weights_only=True)["state_dict"]
+    tensor, plain = tmp_path / "tensor.pt", tmp_path / "weights.pt"
+    torch.save(torch.zeros(3, 4), tensor)
+    torch.save(state_dict, plain)
+    code, error = run_main([*QUICK, "--ckpt_path", str(tensor)], capsys)
+    assert code == 2
+    assert f"--ckpt_path {tensor} is not a Lightning checkpoint: it holds a single tensor" in error
+    code, error = run_main(["test", *QUICK[1:-2], "--ckpt_path", str(plain)], capsys)
+    assert code == 2
+    assert f"it holds a plain state_dict ({len(state_dict)} tensors" in error
+    assert "model.load_state_dict(torch.load(file))" in error
+
+
+def test_weights_only_checkpoint_cannot_resume_but_can_test(quick_checkpoint, tmp_path, capsys):
+    checkpoint = torch.load(quick_checkpoint, weights_only=True)
+    for key in ("optimizer_states", "lr_schedulers", "callbacks"):
+        checkpoint.pop(key)  # what save_weights_only=True leaves out
+    weights = tmp_path / "weights_only.ckpt"
+    torch.save(checkpoint, weights)
+    code, error = run_main([*QUICK, "--ckpt_path", str(weights)], capsys)
+    assert code == 2
+    assert f"--ckpt_path {weights} holds the weights only" in error
+    assert "cannot resume a fit" in error
+    cli = main(["test", *QUICK[1:-2], "--ckpt_path", str(weights)])
+    assert cli is not None and cli.trainer.state.finished
+
+
+def test_weights_only_checkpoint_refused_by_trainer_fit(tmp_path):
+    def trainer(**kwargs) -> L.Trainer:
+        return L.Trainer(
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_train_batches=1,
+            limit_val_batches=0,
+            **kwargs,
+        )
+
+    def model() -> NoPropModule:
+        return NoPropModule(**{**TINY, "num_classes": 10}, num_blocks=2)
+
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True)
+    trainer(max_epochs=1, callbacks=[saver]).fit(model(), datamodule=DigitsDataModule())
+    with pytest.raises(CheckpointError, match="holds the weights only"):
+        trainer(max_epochs=2, enable_checkpointing=False).fit(
+            model(), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "weights.ckpt"
+        )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_gpu_accelerator_without_a_gpu(accelerator, capsys):
+    code, error = run_main([*QUICK, "--trainer.accelerator", accelerator], capsys)
+    assert code == 2
+    assert error.startswith(f"error: --trainer.accelerator {accelerator} asks for a CUDA GPU")
+    assert "--trainer.accelerator cpu" in error
+
+
+@pytest.mark.parametrize(
+    "settings, raised",
+    [
+        (["--trainer.devices", "0"], "`Trainer(devices='0')` value is not a valid input"),
+        (["--trainer.num_nodes", "0"], "`num_nodes` must be a positive integer, but got 0."),
+        (["--trainer.strategy", "fsdp"], "The strategy `fsdp` requires a GPU accelerator"),
+    ],
+)
+def test_trainer_settings_lightning_refuses_are_one_paragraph(settings, raised, capsys):
+    """Lightning's own checks at Trainer construction, without their traceback."""
+    args = [*QUICK, "--trainer.accelerator", "cpu", *settings]
+    code, error = run_main(args, capsys)
+    assert code == 2
+    assert error.startswith(f"error: the trainer cannot be set up as configured: {raised}")
 
 
 # ---------------------------------------------------------------------- data vs model

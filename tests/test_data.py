@@ -224,6 +224,52 @@ def test_mnist_corrupt_files(fake_mnist_dir: Path, damage: str) -> None:
     assert str(raw.resolve()) in str(info.value)
 
 
+def test_mnist_bad_magic_names_the_file_and_the_number(fake_mnist_dir: Path) -> None:
+    labels = fake_mnist_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(b"\x00\x00\x08\x03" + labels.read_bytes()[4:])  # an images header
+    with pytest.raises(DatasetCorruptError) as info:
+        MNISTDataModule(data_dir=str(fake_mnist_dir)).setup("test")
+    message = str(info.value)
+    assert f"{labels} is not a valid MNIST IDX file" in message
+    assert "magic number is 0x00000803, expected 0x00000801" in message
+    assert "AssertionError" not in message
+
+
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_mnist_permission_denied_is_not_called_corrupt(
+    fake_mnist_dir: Path, monkeypatch, where: str
+) -> None:
+    # Running as root, chmod cannot take read access away: the OS error is simulated.
+    import noprop_lightning.data.mnist as mnist_module
+
+    raw = fake_mnist_dir / "MNIST" / "raw"
+    target = raw / "train-images-idx3-ubyte"
+    denied = PermissionError(13, "Permission denied", str(target if where == "file" else raw))
+    if where == "file":
+
+        def fake_open(path, *args, **kwargs):
+            if Path(path) == target:
+                raise denied
+            return open(path, *args, **kwargs)
+
+        monkeypatch.setattr(mnist_module, "open", fake_open, raising=False)
+    else:
+        real_is_file = Path.is_file
+
+        def fake_is_file(self: Path) -> bool:
+            if self.parent == raw:
+                raise denied
+            return real_is_file(self)
+
+        monkeypatch.setattr(Path, "is_file", fake_is_file)
+    with pytest.raises(DatasetNotFoundError) as info:
+        MNISTDataModule(data_dir=str(fake_mnist_dir), val_size=4).setup("fit")
+    message = str(info.value)
+    assert not isinstance(info.value, DatasetCorruptError)
+    assert f"permission denied on {denied.filename}" in message
+    assert "corrupt" not in message and "chmod -R u+rX" in message
+
+
 def test_mnist_download_failure_is_clear(tmp_path: Path, monkeypatch) -> None:
     def offline(self) -> None:
         raise URLError("[Errno -3] Temporary failure in name resolution")

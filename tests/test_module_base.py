@@ -21,6 +21,7 @@ from noprop_lightning import (
     RNGStateCheckpoint,
 )
 from noprop_lightning.callbacks.checkpoint import RNG_STATE_KEY
+from noprop_lightning.errors import ConfigurationError
 from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
 
 
@@ -195,3 +196,10 @@ def test_rng_state_is_restored_only_when_a_fit_resumes(tmp_path):
         trainer.test(module, loader, ckpt_path=ckpt_path, verbose=False)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)[RNG_STATE_KEY]["torch"]
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], saved)
+
+
+@pytest.mark.parametrize("cls", [NoPropModule, NoPropCTModule, NoPropFMModule, BackpropModule])
+def test_one_class_is_refused_by_every_module(cls):
+    # torchmetrics would raise a bare ValueError about its own argument.
+    with pytest.raises(ConfigurationError, match="num_classes must be an integer >= 2, got 1"):
+        cls(num_classes=1)

@@ -273,6 +273,7 @@ def test_default_head_init_is_pytorchs():
         {"network": tiny_network(dropout=1.5)},
         {"network": tiny_network(channels=(4, 4))},
         {"num_classes": 0},
+        {"num_classes": 1},
     ],
 )
 def test_bad_hyper_parameters_raise_clear_errors(kwargs):

@@ -12,12 +12,13 @@ from typing import Any, NoReturn
 
 import lightning.pytorch
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from noprop_lightning.cli.checkpoints import (
     SPECIAL_CKPT_PATHS,
+    check_checkpoint_use,
     check_model_against_checkpoint,
     checkpoint_dirpath,
     config_wins,
@@ -26,10 +27,17 @@ from noprop_lightning.cli.checkpoints import (
     read_checkpoint_header,
 )
 from noprop_lightning.cli.configs import NamedConfigFile
-from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.errors import (
+    check_accelerator,
+    condense_parser_message,
+    find_user_error,
+    raised_by_lightning,
+    trainer_setup_message,
+)
 from noprop_lightning.cli.folders import place_run
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import quiet_known_noise, resuming_into
+from noprop_lightning.errors import ConfigurationError
 
 __all__ = [
     "LINKED_DATA_PROPERTIES",
@@ -172,6 +180,7 @@ class NoPropCLI(LightningCLI):
         trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
         callbacks = trainer.get("callbacks") if trainer is not None else None
         if trainer is not None:
+            check_accelerator(trainer.get("accelerator"))
             names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
             added = []
             if trainer.get("enable_progress_bar") is not False:
@@ -202,6 +211,15 @@ class NoPropCLI(LightningCLI):
                 if callback.get("init_args") is not None:
                     callback.init_args.dirpath = dirpath
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer; trainer settings that Lightning refuses give a user error."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            if not raised_by_lightning(err):
+                raise
+            raise ConfigurationError(trainer_setup_message(err)) from err
+
     def after_fit(self) -> None:
         """Evaluate on the test split after fitting.
 
@@ -230,6 +248,7 @@ class NoPropCLI(LightningCLI):
         if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
             return
         checkpoint = read_checkpoint_header(ckpt_path)
+        check_checkpoint_use(checkpoint, str(ckpt_path), subcommand)
         self._ckpt_header = checkpoint
         model_config = config.get("model")
         if model_config is None or not hasattr(model_config, "class_path"):

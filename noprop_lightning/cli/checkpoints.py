@@ -79,6 +79,47 @@ def read_checkpoint_header(path: str | Path, option: str = "--ckpt_path") -> dic
     )
 
 
+def _describe(content: Any) -> str:
+    """What a ``torch.save`` file that is not a Lightning checkpoint holds, in words."""
+    if isinstance(content, torch.Tensor):
+        return f"a single tensor of shape {tuple(content.shape)}"
+    if isinstance(content, Mapping):
+        tensors = sum(isinstance(v, torch.Tensor) for v in content.values())
+        if content and tensors == len(content):
+            return f"a plain state_dict ({tensors} tensors, no training state)"
+        keys = ", ".join(sorted(map(str, content))[:5])
+        return f"a dictionary with the keys {keys}{' ...' if len(content) > 5 else ''}"
+    return f"a {type(content).__name__}"
+
+
+def check_checkpoint_use(checkpoint: Any, path: str, subcommand: str) -> None:
+    """Refuse a file that is not a Lightning checkpoint, or one that cannot resume a fit.
+
+    Args:
+        checkpoint: What :func:`read_checkpoint_header` loaded.
+        path: The file, for the message.
+        subcommand: ``fit`` needs the optimizer states; the others need only the weights.
+
+    Raises:
+        CheckpointError: For a plain tensor or ``state_dict`` saved with ``torch.save``, and
+            for a weights-only checkpoint (``save_weights_only=True``) given to ``fit``.
+    """
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise CheckpointError(
+            f"--ckpt_path {path} is not a Lightning checkpoint: it holds {_describe(checkpoint)}. "
+            "--ckpt_path takes a .ckpt file that Lightning wrote (ModelCheckpoint / "
+            "LastCheckpoint, trainer.save_checkpoint). To start from bare weights, load them "
+            "in Python with model.load_state_dict(torch.load(file)) before trainer.fit."
+        )
+    if subcommand == "fit" and "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            f"--ckpt_path {path} holds the weights only (it was saved with "
+            "save_weights_only=True), so it cannot resume a fit: the optimizer states, the "
+            "epoch and the data order are missing. Use it with test, validate or predict, or "
+            "resume from the run's last.ckpt (LastCheckpoint always saves the full state)."
+        )
+
+
 def import_class(class_path: str) -> type | None:
     """The class a dotted path names, or ``None`` if it cannot be imported."""
     module_name, _, name = class_path.rpartition(".")

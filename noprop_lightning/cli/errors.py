@@ -4,14 +4,71 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import re
 import typing
 
+import torch
 from lightning.pytorch import Trainer
 
 from noprop_lightning.cli.checkpoints import import_class
-from noprop_lightning.errors import NoPropUserError
+from noprop_lightning.errors import ConfigurationError, NoPropUserError
+
+#: Accelerator names and how to tell whether this machine has one.
+_ACCELERATORS = {
+    "gpu": ("a CUDA GPU", lambda: torch.cuda.is_available()),
+    "cuda": ("a CUDA GPU", lambda: torch.cuda.is_available()),
+    "mps": ("Apple's MPS", lambda: torch.backends.mps.is_available()),
+    "tpu": ("a TPU (torch_xla)", lambda: importlib.util.find_spec("torch_xla") is not None),
+}
+
+
+def check_accelerator(accelerator: object) -> None:
+    """Refuse ``--trainer.accelerator`` values this machine cannot honour, in one paragraph.
+
+    Lightning raises ``MisconfigurationException("No supported gpu backend found!")`` (or a
+    ``ModuleNotFoundError`` for ``tpu``) with a traceback; this names the option and the fix.
+
+    Raises:
+        ConfigurationError: If the accelerator named is not available here.
+    """
+    name = str(accelerator).lower() if isinstance(accelerator, str) else None
+    if name not in _ACCELERATORS:
+        return
+    what, available = _ACCELERATORS[name]
+    if not available():
+        raise ConfigurationError(
+            f"--trainer.accelerator {accelerator} asks for {what}, but this machine has none "
+            "that torch can use. Use --trainer.accelerator cpu, or auto to take whatever is "
+            "available."
+        )
+
+
+def raised_by_lightning(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside Lightning's own code (its checks of trainer settings).
+
+    ``Trainer(...)`` refuses settings with ``MisconfigurationException``, ``ValueError`` or
+    ``TypeError``; the same types raised by this package's code are bugs and keep their
+    traceback.
+    """
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    filename = last.tb_frame.f_code.co_filename.replace("\\", "/")
+    return "/lightning/" in filename and "/noprop_lightning/" not in filename
+
+
+def trainer_setup_message(err: BaseException) -> str:
+    """The ``error:`` paragraph for trainer settings Lightning refuses."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return (
+        f"the trainer cannot be set up as configured: {text} Check the --trainer options "
+        "(accelerator, devices, num_nodes, strategy, precision) against this machine."
+    )
 
 
 def find_user_error(err: BaseException) -> NoPropUserError | None:

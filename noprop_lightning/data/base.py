@@ -23,9 +23,11 @@ from torch.utils.data import DataLoader
 from noprop_lightning.data.files import (
     DatasetCorruptError,
     check_loaded,
+    corrupt_message,
     example_file,
     missing_files,
     missing_message,
+    permission_message,
     validate_arguments,
 )
 from noprop_lightning.data.sampling import (
@@ -281,6 +283,12 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
     # ------------------------------------------------------------------ internals
     def _read(self, split: Split) -> tuple[Tensor, Tensor]:
         folder, names = self._required_files()
+        try:
+            return self._read_files(split, folder, names)
+        except PermissionError as err:
+            raise DatasetNotFoundError(permission_message(self, folder, err)) from err
+
+    def _read_files(self, split: Split, folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
         if names and missing_files(folder, names):
             if self.download:
                 self.prepare_data()
@@ -289,15 +297,10 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
                 raise DatasetNotFoundError(missing_message(self, folder, names, missing))
         try:
             images, labels = self._load_split(split)
-        except NoPropUserError:
+        except (NoPropUserError, PermissionError):
             raise
         except Exception as err:  # readers raise many types on bad files
-            raise DatasetCorruptError(
-                f"Could not read the {self.display_name} {split} split from {folder} "
-                f"({type(err).__name__}: {err}). The files ({', '.join(names)}) look corrupt "
-                "or truncated, e.g. from an interrupted download or copy: replace them with "
-                "intact copies, or delete them and run with `--data.download true`."
-            ) from err
+            raise DatasetCorruptError(corrupt_message(self, split, folder, names, err)) from err
         check_loaded(self, split, folder, images, labels)
         return images, labels
 

@@ -63,6 +63,28 @@ def check_loaded(
         )
 
 
+def corrupt_message(
+    data: DatasetInfo, split: str, folder: Path, names: Sequence[str], err: Exception
+) -> str:
+    """The paragraph for dataset files that a reader failed on."""
+    return (
+        f"Could not read the {data.display_name} {split} split from {folder} "
+        f"({type(err).__name__}: {err}). The files ({', '.join(names)}) look corrupt "
+        "or truncated, e.g. from an interrupted download or copy: replace them with "
+        "intact copies, or delete them and run with `--data.download true`."
+    )
+
+
+def permission_message(data: DatasetInfo, folder: Path, err: PermissionError) -> str:
+    """The paragraph for dataset files this user may not read (they are not damaged)."""
+    return (
+        f"Cannot read the {data.display_name} files in {folder}: permission denied on "
+        f"{err.filename or folder}. The files are not damaged; give this user read access "
+        f"(and the folders execute access), e.g. `chmod -R u+rX {folder}`, or copy them to a "
+        "folder of your own and point `--data.data_dir` there."
+    )
+
+
 def missing_files(folder: Path, names: Sequence[str]) -> list[str]:
     """The ``names`` that are not files in ``folder``."""
     return [name for name in names if not (folder / name).is_file()]

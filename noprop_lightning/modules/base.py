@@ -73,7 +73,8 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
         scheduler: LRSchedulerCallable | None,
     ) -> None:
         super().__init__()
-        self.num_classes = check_int("num_classes", num_classes)
+        # A classifier needs two classes at least (torchmetrics refuses 1 with a ValueError).
+        self.num_classes = check_int("num_classes", num_classes, minimum=2)
         self.in_channels = check_int("in_channels", in_channels)
         self.image_size = check_int("image_size", image_size)
         self.optimizer_factory = optimizer
