@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from rich.text import Text
 from noprop_lightning.callbacks.summary import format_value
 from noprop_lightning.errors import exit_status
 from noprop_lightning.plots import PLOTS, PlotSpec, plot_runs
-from noprop_lightning.runs import ReportError, Run, load_runs, short_path
+from noprop_lightning.runs import ReportError, ReportWarning, Run, load_runs, short_path
 
 __all__ = [
     "PLOTS",
@@ -173,8 +174,17 @@ def report(
     Raises:
         ReportError: For missing folders, folders without event files or without scalars.
     """
-    runs = load_runs(paths)
     console = console or Console()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReportWarning)
+        runs = load_runs(paths)
+    for warning in caught:
+        if issubclass(warning.category, ReportWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
     console.print(rich_table(runs, title))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

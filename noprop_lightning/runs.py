@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.summary.writer.record_writer import masked_crc32c
 
 from noprop_lightning.errors import NoPropUserError
 
@@ -18,6 +21,10 @@ EVENT_GLOB = "events.out.tfevents.*"
 
 class ReportError(NoPropUserError):
     """Raised when run folders are missing, hold no event files, or hold no scalars."""
+
+
+class ReportWarning(UserWarning):
+    """A run that was skipped (no scalars) or whose event file ends early (truncated)."""
 
 
 @dataclass
@@ -30,12 +37,14 @@ class Run:
             step wins, e.g. after a resume).
         hparams: Hyper-parameters from the HPARAMS summaries (empty if there are none).
         label: Name of the run in tables and legends (set by :func:`load_runs`).
+        incomplete: Why the event files end early (``None``: they are intact).
     """
 
     path: Path
     scalars: dict[str, list[tuple[int, float]]]
     hparams: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    incomplete: str | None = None
 
     def values(self, tag: str) -> list[float]:
         """The values of ``tag`` in step order (empty if the tag was never logged)."""
@@ -155,12 +164,41 @@ def read_hparams(accumulator: EventAccumulator) -> dict[str, Any]:
     return params
 
 
+def event_file_problem(path: Path) -> str | None:
+    """Why a TensorBoard event file is not intact, or ``None``.
+
+    Each record is ``length (8 bytes) | masked CRC32C of length | data | masked CRC32C of
+    data``. TensorBoard's reader stops quietly at a cut record; this walks the framing (and
+    checks each length's CRC), so a file cut by a kill or a full disk is noticed.
+    """
+    data = path.read_bytes()
+    position = 0
+    while position < len(data):
+        header = data[position : position + 12]
+        if len(header) < 12:
+            break
+        length, length_crc = struct.unpack("<QI", header)
+        if masked_crc32c(header[:8]) != length_crc:
+            return f"{path.name} is damaged at byte {position} (a record header fails its CRC)"
+        end = position + 12 + length + 4
+        if end > len(data):
+            break
+        position = end
+    else:
+        return None
+    return (
+        f"{path.name} ends in the middle of a record after {position} of {len(data)} bytes "
+        "(the run was killed while writing, or the file was cut)"
+    )
+
+
 def load_run(path: Path) -> Run:
     """Read all scalars and the hyper-parameters of one run folder.
 
     Raises:
         ReportError: If the event files hold no scalars.
     """
+    problems = [p for f in sorted(path.glob(EVENT_GLOB)) if (p := event_file_problem(f))]
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
     accumulator.Reload()
     scalars: dict[str, list[tuple[int, float]]] = {}
@@ -172,7 +210,8 @@ def load_run(path: Path) -> Run:
             f"the event files in {str(path)!r} hold no scalars: the run probably stopped "
             "before its first epoch ended"
         )
-    return Run(path=path, scalars=scalars, hparams=read_hparams(accumulator))
+    incomplete = "; ".join(problems) or None
+    return Run(path, scalars, read_hparams(accumulator), incomplete=incomplete)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
@@ -180,12 +219,43 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
     The label is the method name (``NoProp-DT``, ``Backprop``, ...) when the events hold
     the HPARAMS summaries, else the folder name; the folder name is appended when two runs
-    would share a label.
+    would share a label, and `` (incomplete)`` when its event files end early.
+
+    A run without scalars found below a folder given (a run that failed before its first
+    epoch) is skipped with a :class:`ReportWarning`; one given by its own folder is an
+    error. A run whose event file is cut is kept, marked and warned about: its numbers
+    cover only what was written.
+
+    Raises:
+        ReportError: For missing folders, folders without event files, a run folder given
+            directly whose events hold no scalars, or no run with scalars at all.
     """
-    runs = [load_run(d) for d in find_run_dirs(paths)]
+    given = {Path(p).resolve() for p in paths}
+    runs = []
+    for folder in find_run_dirs(paths):
+        try:
+            run = load_run(folder)
+        except ReportError as err:
+            if folder.resolve() in given:
+                raise
+            warnings.warn(f"skipped {folder}: {err}", ReportWarning, stacklevel=2)
+            continue
+        if run.incomplete:
+            warnings.warn(
+                f"{folder}: {run.incomplete}; its numbers cover only the records before that point",
+                ReportWarning,
+                stacklevel=2,
+            )
+        runs.append(run)
+    if not runs:
+        raise ReportError(
+            f"no run under {', '.join(map(str, paths))} has scalars: every run found stopped "
+            "before its first epoch ended"
+        )
     base = [str(r.hparams.get("method") or short_path(r.path)) for r in runs]
     for run, label in zip(runs, base, strict=True):
         run.label = label if base.count(label) == 1 else f"{label} [{short_path(run.path)}]"
+        run.label += " (incomplete)" if run.incomplete else ""
     return runs
 
 

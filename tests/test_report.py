@@ -18,6 +18,7 @@ from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import default_callbacks
 from noprop_lightning.plots import accuracy_over_time, figure
 from noprop_lightning.report import PLOTS, ReportError, load_runs, main, report
+from noprop_lightning.runs import ReportWarning
 from tests.helpers import TINY, tiny_loader, tiny_network, tiny_trainer
 
 MLP_TINY = {**TINY, "network": tiny_network(encoder="mlp")}
@@ -121,6 +122,48 @@ def test_events_without_scalars_are_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(ReportError, match="hold no scalars"):
         load_runs([tmp_path / "crashed"])
+
+
+def test_a_failed_run_below_a_parent_is_skipped_with_a_warning(runs, tmp_path, capsys):
+    parent = tmp_path / "logs"
+    good = parent / "noprop" / "version_0"
+    good.mkdir(parents=True)
+    for f in Path(runs.noprop.log_dir).glob("events.out.tfevents.*"):
+        (good / f.name).write_bytes(f.read_bytes())
+    writer = SummaryWriter(str(parent / "noprop" / "version_1"))  # stopped before epoch 1
+    writer.add_text("note", "started")
+    writer.close()
+    with pytest.warns(ReportWarning, match="skipped .*version_1: the event files .* no scalars"):
+        assert [r.label for r in load_runs([parent])] == ["NoProp-DT"]
+    result = report([parent], tmp_path / "out", console=Console(quiet=True))
+    assert len(result.runs) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: skipped ") and "version_1" in err[0]
+    with pytest.raises(ReportError, match="hold no scalars"):
+        report([parent / "noprop" / "version_1"], tmp_path / "out2")  # given directly
+
+
+def test_a_cut_event_file_is_marked_incomplete(runs, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (original,) = [  # the file with the epoch scalars (hparams go to a second file)
+        f
+        for f in Path(runs.noprop.log_dir).glob("events.out.tfevents.*")
+        if f.stat().st_size > 1000
+    ]
+    data = original.read_bytes()
+    (cut / original.name).write_bytes(data[: len(data) // 2 + 3])
+    for f in Path(runs.noprop.log_dir).glob("events.out.tfevents.*"):
+        if f != original:
+            (cut / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(ReportWarning, match="ends in the middle of a record after"):
+        (run,) = load_runs([cut])
+    assert run.incomplete and run.label.endswith(" (incomplete)")
+    assert run.summary()["epochs"] < 2  # what is left of the 2 epochs
+    (intact,) = load_runs([runs.noprop.log_dir])
+    assert intact.incomplete is None and intact.label == "NoProp-DT"
+    report([cut], tmp_path / "out", console=Console(quiet=True))
+    assert "warning: " in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
