@@ -177,8 +177,19 @@ class StepFile(L.Callback):
         Path(self.path).write_text(str(batch_idx + 1))
 
 
-def test_sigterm_mid_epoch_saves_exits_143_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """A cluster's pre-emption: SIGTERM to a real CLI process mid-epoch, then resume."""
+@pytest.mark.parametrize(
+    "signum, status, said",
+    [
+        (signal.SIGTERM, 143, "stopped by SIGTERM before the end of training"),
+        (signal.SIGINT, 1, "Ctrl-C: stopping at the end of this training batch"),
+    ],
+    ids=["SIGTERM", "Ctrl-C"],
+)
+def test_a_stop_mid_epoch_saves_and_resumes_to_the_same_weights(
+    tmp_path, monkeypatch, signum, status, said
+):
+    """A cluster's pre-emption (SIGTERM) or Ctrl-C to a real CLI process mid-epoch, then
+    resume: the weights equal those of a run that never stopped."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     progress = tmp_path / "batches"
     callback = {"class_path": "tests.test_checkpoints.StepFile",
@@ -196,14 +207,14 @@ def test_sigterm_mid_epoch_saves_exits_143_and_resumes_to_the_same_weights(tmp_p
             if time.monotonic() > deadline:
                 pytest.fail("training did not reach 20 batches within 120 s")
             time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         stderr = proc.communicate(timeout=60)[1].decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 143, stderr[-2000:]
-    assert "stopped by SIGTERM before the end of training" in stderr
+    assert proc.returncode == status, stderr[-2000:]
+    assert said in stderr and "Traceback" not in stderr
     last = stopped / "lightning_logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"resume with --ckpt_path {last.relative_to(stopped)}" in stderr
     saved = torch.load(last, weights_only=True)
