@@ -47,9 +47,19 @@ def resolve_config(value: str) -> str:
 
     Raises:
         ConfigurationError: ``value`` is a plain name that is neither a file here nor a
-            shipped config.
+            shipped config, or a file that holds nothing (jsonargparse would answer
+            "Unexpected config").
     """
-    if Path(value).exists() or not _NAME.fullmatch(value):
+    path = Path(value)
+    if path.is_file():
+        if not path.read_text(errors="replace").strip():
+            raise ConfigurationError(
+                f"the config file {value} is empty: give a LightningCLI config (see "
+                "`noprop-lightning configs`, or `noprop-lightning fit --print_config` for one "
+                "with every setting)."
+            )
+        return value
+    if path.exists() or not _NAME.fullmatch(value):
         return value
     configs = shipped_configs()
     name = value.removesuffix(".yaml").removesuffix(".yml")

@@ -294,3 +294,41 @@ def test_two_comparisons_in_the_same_second_get_their_own_folders(tmp_path):
     assert reserve_folder(tmp_path, "20261201-120000") == "20261201-120000"
     assert reserve_folder(tmp_path, "20261201-120000") == "20261201-120000-2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-120000", "20261201-120000-2"]
+
+
+# ---------------------------------------------------------------------- --ckpt_path last/best
+def test_named_checkpoints_resolve_to_the_latest_run(tmp_path, monkeypatch, capsys):
+    """In a fresh process Lightning would test untrained weights for `last` (after a
+    warning) and fail with a traceback for `best`; here they name the latest run's files."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["--trainer.limit_train_batches", "4"]
+    first = main(small_run(*quick))
+    second = main(small_run(*quick))
+    runs = Path("lightning_logs") / "run"
+    assert Path(second.trainer.log_dir) == runs / "version_1"
+    os.utime(runs / "version_0" / "checkpoints" / "last.ckpt", (1, 1))  # version_1 is newest
+    test = ["test", *small_run(*quick)[1:-2]]
+    cli = main([*test, "--ckpt_path", "last"])
+    assert cli.config.test.ckpt_path == str(
+        Path("lightning_logs/run/version_1/checkpoints/last.ckpt")
+    )
+    best = second.trainer.checkpoint_callback.best_model_path
+    assert best and Path(best).name.startswith("best")
+    cli = main([*test, "--ckpt_path", "best"])
+    assert Path(cli.config.test.ckpt_path).resolve() == Path(best).resolve()
+    resumed = main([*small_run(*quick, "--trainer.max_epochs", "2"), "--ckpt_path", "last"])
+    assert Path(resumed.trainer.log_dir) == runs / "version_1"  # continues that run
+    assert resumed.trainer.current_epoch == 2
+    assert first.trainer.current_epoch == 1
+    with pytest.raises(SystemExit) as exit_:
+        main([*test[:-2], "--trainer.logger.init_args.name", "none", "--ckpt_path", "last"])
+    assert exit_.value.code == 2
+    assert "error: --ckpt_path last: no run under lightning_logs/none" in capsys.readouterr().err
+    fresh = main([*small_run(*quick)[:-2], "--trainer.logger.init_args.name", "new",
+                  "--ckpt_path", "last"])  # fmt: skip
+    assert fresh.trainer.current_epoch == 1 and "starting a new run" in capsys.readouterr().out
+
+
+def test_last_checkpoint_refuses_a_negative_step_interval():
+    with pytest.raises(ConfigurationError, match="every_n_train_steps must be an integer >= 1"):
+        LastCheckpoint(every_n_train_steps=-1)

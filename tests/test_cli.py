@@ -81,7 +81,7 @@ def test_print_config_runs(capsys):
     assert "NoPropModule" in out and "num_blocks: 10" in out
 
 
-def test_validate_and_test_subcommands(tmp_path, monkeypatch):
+def test_validate_and_test_subcommands(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
     small = [
@@ -98,3 +98,6 @@ def test_validate_and_test_subcommands(tmp_path, monkeypatch):
     assert "val/acc" in cli.trainer.callback_metrics
     cli = main(["test", "--config", str(config), *small])
     assert "test/acc" in cli.trainer.callback_metrics
+    said = capsys.readouterr().err
+    assert "warning: validate without --ckpt_path evaluates the freshly initialised" in said
+    assert "warning: test without --ckpt_path" in said

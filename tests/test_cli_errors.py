@@ -270,6 +270,22 @@ def test_corrupt_cifar_files_fail_the_md5_check(tmp_path, capsys):
     assert "failed the md5 integrity check: data_batch_1" in error
 
 
+def test_empty_config_file(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n")
+    code, error = run_main(["fit", "--config", str(empty)], capsys)
+    assert code == 2
+    assert error.startswith(f"error: the config file {empty} is empty")
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    file = tmp_path / "mnist.tar"
+    file.write_bytes(b"x")
+    code, error = run_main([*MNIST_SMALL, "--data.init_args.data_dir", str(file)], capsys)
+    assert code == 2
+    assert "MNIST dataset not found" in error and "is a file, not a folder" in error
+
+
 # ---------------------------------------------------------------------- checkpoints
 @pytest.fixture
 def quick_checkpoint(tmp_path) -> Path:

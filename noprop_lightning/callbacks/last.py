@@ -13,6 +13,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from noprop_lightning.settings import check_optional_int
+
 #: The file name (without ``.ckpt``) Lightning's ``--ckpt_path last`` looks for.
 LAST_NAME = "last"
 
@@ -54,6 +56,7 @@ class LastCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = None,
         save_on_exception: bool = True,
     ) -> None:
+        check_optional_int("every_n_train_steps", every_n_train_steps, minimum=1)
         super().__init__(
             dirpath=dirpath,
             filename=LAST_NAME,

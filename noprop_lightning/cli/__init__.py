@@ -34,7 +34,7 @@ from noprop_lightning.cli.errors import (
     raised_by_lightning,
     trainer_setup_message,
 )
-from noprop_lightning.cli.folders import place_run
+from noprop_lightning.cli.folders import place_run, resolve_named_checkpoint
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import quiet_known_noise, resuming_into
 from noprop_lightning.errors import ConfigurationError
@@ -199,6 +199,12 @@ class NoPropCLI(LightningCLI):
                 None if ckpt_path is None or is_special_ckpt_path(str(ckpt_path)) else ckpt_path
             )
             place_run(trainer.get("logger"), ckpt_path, self.subcommand)
+            if self.subcommand != "fit" and self.config[self.subcommand].get("ckpt_path") is None:
+                print(
+                    f"warning: {self.subcommand} without --ckpt_path evaluates the freshly "
+                    "initialised (untrained) model; pass a checkpoint, e.g. --ckpt_path last",
+                    file=sys.stderr,
+                )
             if ckpt_path is not None and self.subcommand == "fit":
                 resuming_into(Path(str(ckpt_path)).parent)
         dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
@@ -245,6 +251,10 @@ class NoPropCLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
+        if ckpt_path in ("last", "best"):
+            trainer = config.get("trainer")
+            logger = trainer.get("logger") if trainer is not None else None
+            ckpt_path = config.ckpt_path = resolve_named_checkpoint(logger, ckpt_path, subcommand)
         if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
             return
         checkpoint = read_checkpoint_header(ckpt_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from noprop_lightning.errors import ConfigurationError
 
 #: Loggers whose folder is ``<save_dir>/<name>/<version>`` (``version_N`` by default).
@@ -62,4 +64,51 @@ def place_run(logger: Any, ckpt_path: str | None, subcommand: str) -> None:
         f"{init_args.version!r}): writing there would overwrite its config.yaml and mix the "
         "two runs' events. Leave the version unset for a new folder, choose another one, or "
         f"resume that run with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}."
+    )
+
+
+def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | None:
+    """The file that ``--ckpt_path last`` / ``best`` means in a fresh process.
+
+    Lightning resolves these names against the checkpoint callbacks of the current process,
+    which in a new CLI run point at a new, empty version folder: ``test --ckpt_path last``
+    then tests untrained weights after a warning, ``best`` fails with a traceback. Here
+    ``last`` is the ``last.ckpt`` of the latest run under the logger's ``<save_dir>/<name>``
+    (by modification time) and ``best`` the best checkpoint recorded in it.
+
+    Returns:
+        The checkpoint file, or ``None`` for ``fit --ckpt_path last`` when no run has a
+        ``last.ckpt`` yet (a fresh start, as for a job's first launch).
+
+    Raises:
+        ConfigurationError: If the name cannot be resolved (no folder logger, no run, no best
+            checkpoint recorded).
+    """
+    root = logger_root(logger)
+    if root is None:
+        raise ConfigurationError(
+            f"--ckpt_path {name} needs a TensorBoard or CSV logger to find the runs; give the "
+            "checkpoint file instead."
+        )
+    runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        if name == "last" and subcommand == "fit":
+            print(f"--ckpt_path last: no run under {root} has a last.ckpt yet, starting a new run")
+            return None
+        raise ConfigurationError(
+            f"--ckpt_path {name}: no run under {root} has a checkpoints/last.ckpt; give the "
+            "checkpoint file, e.g. lightning_logs/<name>/version_<n>/checkpoints/last.ckpt."
+        )
+    last = runs[-1]
+    if name == "last":
+        return str(last)
+    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks") or {}
+    for key, value in state.items():
+        best = value.get("best_model_path") if isinstance(value, dict) else None
+        if str(key).startswith("ModelCheckpoint") and best and Path(best).is_file():
+            return str(best)
+    raise ConfigurationError(
+        f"--ckpt_path best: the latest run {last.parent.parent} records no best checkpoint "
+        "that still exists (its ModelCheckpoint has no monitor, or the file was removed); give "
+        "the checkpoint file instead."
     )

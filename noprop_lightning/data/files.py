@@ -110,6 +110,8 @@ def missing_message(
         f"argument) at a folder containing `{example_file(data.data_path, folder, names)}` and the "
         "other files, or set `--data.download true` on a machine with network access."
     )
+    if data.data_path.is_file():
+        message += f" Note: data_dir {data.data_dir!r} is a file, not a folder."
     compressed = [f"{name}.gz" for name in missing if (folder / f"{name}.gz").is_file()]
     if compressed:
         message += (
