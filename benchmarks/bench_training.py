@@ -58,8 +58,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from noprop_lightning import BackpropModule, NoPropModule
+from noprop_lightning.callbacks import ChannelsLast
 
 SIZES = {"mnist": (1, 28), "cifar": (3, 32)}
 METHODS = ("backprop", "sequential", "threaded", "fused")
@@ -158,7 +160,7 @@ def time_config(
     :func:`measure_memory`) and the returned dictionary is empty.
     """
     torch.manual_seed(0)
-    callbacks: list[L.Callback] = [timer := StepTimer()]
+    callbacks: list[L.Callback] = [timer := StepTimer(), *layout_callbacks(config)]
     memory: StepMemory | None = None
     baseline = 0
     if args.device == "cuda" and not args.no_memory:
@@ -182,6 +184,45 @@ def time_config(
             if key in result:
                 result[key] -= baseline / MIB
     return timer.times[args.warmup :], timer.cpu_times[args.warmup :], result
+
+
+# ---------------------------------------------------------------------------- ceiling
+def matmul_ceiling(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul rate (GFLOP/s): median of ``repeats`` ``size^2`` products.
+
+    With the torch thread count of this run, so it is the ceiling the training steps could
+    reach with these threads (``2 size^3`` FLOPs per product).
+    """
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for i in range(repeats + 3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def step_flops(config: dict[str, Any], args: argparse.Namespace) -> float:
+    """FLOPs of one training step (forward and backward of every block), counted by torch.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` counts the matmul and convolution FLOPs of
+    one real ``Trainer.fit`` step (the optimizer's elementwise work is not counted). Every
+    NoProp path computes the same forward and backward, so the sequential path's count is
+    used for all of them (the threaded path runs blocks on threads the mode does not see).
+    """
+    method = "backprop" if config["method"] == "backprop" else "sequential"
+    module = build_module(method, config["size"], config["T"], {})
+    with FlopCounterMode(display=False) as counter:
+        make_trainer(args.device, 1, []).fit(
+            module, synthetic_loader(config["size"], args.batch, 1)
+        )
+    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------- memory
@@ -325,7 +366,7 @@ def memory_worker(config: dict[str, Any], args: argparse.Namespace) -> dict[str,
     profile = args.device == "cpu" and config["method"] != "threaded"
     callback = StepMemory(measure_step=1, rss_baseline=rss_baseline, profile=profile)
     steps = 4 if profile else 2
-    make_trainer(args.device, steps, callback).fit(
+    make_trainer(args.device, steps, [callback, *layout_callbacks(config)]).fit(
         module, synthetic_loader(config["size"], args.batch, steps)
     )
     result = dict(callback.result)
@@ -362,10 +403,11 @@ def configs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
         "backend": args.backend,
     }
     return [
-        {"size": size, "T": T, "method": method, "options": options}
+        {"size": size, "T": T, "method": method, "options": {**options, "layout": layout}}
         for size in args.sizes
         for T in args.T
         for method in args.methods
+        for layout in args.layouts
     ]
 
 
@@ -376,7 +418,14 @@ def label(config: dict[str, Any]) -> str:
         method += f"({opts['num_threads']})"
     if method == "fused" and opts.get("chunk"):
         method += f"(k={opts['chunk']})"
+    if opts.get("layout") == "channels_last":
+        method += " +cl"
     return method
+
+
+def layout_callbacks(config: dict[str, Any]) -> list[L.Callback]:
+    """:class:`~noprop_lightning.callbacks.ChannelsLast` when the config asks for it."""
+    return [ChannelsLast()] if config["options"].get("layout") == "channels_last" else []
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -397,9 +446,12 @@ def print_table(result: dict[str, Any]) -> None:
     }
     table = Table(
         title=f"One training step, batch {result['batch']}, {device} "
-        f"({result['torch_threads']} torch threads); 'x bp' = ratio to backprop, same size and T"
+        f"({result['torch_threads']} torch threads); 'x bp' = ratio to backprop, same size and "
+        f"T; 'of ceiling' = counted FLOP/s over the fp32 matmul rate measured in this run "
+        f"({result['matmul_ceiling_gflops']:.0f} GFLOP/s)"
     )
-    columns = ["size", "T", "method", "samples/s", "x bp", "CPU s/step", "cores used"]
+    columns = ["size", "T", "method", "samples/s", "x bp", "GFLOP/s", "of ceiling"]
+    columns += ["CPU s/step", "cores used"]
     for key in mem_keys:
         columns += [mem_names[key], "x bp"]
     for col in columns:
@@ -417,6 +469,11 @@ def print_table(result: dict[str, Any]) -> None:
         speed = row.get("samples_per_s")
         cells = [row["size"], str(row["T"]), row["label"]]
         cells += ["-" if speed is None else f"{speed:.1f}", _ratio(speed, bp.get("samples_per_s"))]
+        gflops, share = row.get("gflops"), row.get("fraction_of_ceiling")
+        cells += [
+            "-" if gflops is None else f"{gflops:.0f}",
+            "-" if share is None else f"{share:.0%}",
+        ]
         cpu = row.get("median_step_cpu_s")
         cores = row.get("cores_used")
         cells += ["-" if cpu is None else f"{cpu:.2f}", "-" if cores is None else f"{cores:.2f}"]
@@ -466,6 +523,26 @@ def target_summary(result: dict[str, Any]) -> list[str]:
                 f"{size}: fastest NoProp path at T=10 is {best['label']} at {ratio:.2f}x "
                 f"backprop's samples/s (target >= {need}x on {device}): {verdict}"
             )
+        if noprop10 and device == "cpu":
+            best = max(noprop10, key=lambda r: r["samples_per_s"])
+            share = best.get("fraction_of_ceiling")
+            if share is not None:
+                verdict = "met" if share >= 0.7 else "MISSED"
+                lines.append(
+                    f"{size}: fastest NoProp path at T=10 ({best['label']}) runs at {share:.0%} "
+                    f"of the fp32 matmul ceiling measured in this run "
+                    f"({result['matmul_ceiling_gflops']:.0f} GFLOP/s; target >= 70%): {verdict}"
+                )
+            fused, seq = find(size, 10, "fused"), find(size, 10, "sequential")
+            if fused and seq and fused.get("samples_per_s") and seq.get("samples_per_s"):
+                ratio = fused["samples_per_s"] / seq["samples_per_s"]
+                verdict = (
+                    "met" if ratio >= 1.0 else "MISSED (the docs steer CPU users to sequential)"
+                )
+                lines.append(
+                    f"{size}: fused at T=10 runs at {ratio:.2f}x sequential's samples/s "
+                    f"(target >= 1.0x on cpu): {verdict}"
+                )
         seq10 = mem(find(size, 10, "sequential"))
         bpm10 = mem(bp10)
         if seq10 and bpm10:
@@ -511,6 +588,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-threads", type=int, default=None, help="threaded: workers")
     parser.add_argument("--chunk", type=int, default=None, help="fused: blocks per chunk")
     parser.add_argument("--backend", default="torch", choices=["torch", "numba"])
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["contiguous"],
+        choices=["contiguous", "channels_last"],
+        help="weight layouts to time (channels_last: the ChannelsLast callback)",
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--torch-threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
@@ -530,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--device cuda but no CUDA device is available")
     configs = configs_for(args)
     started = time.time()
+    ceiling_before = matmul_ceiling(args.device)
     times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
     cpu_times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
     in_process_memory: dict[int, dict[str, Any]] = {}
@@ -573,8 +658,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"memory {config['size']} T={config['T']} {label(config)}: {row['memory']}"
             )
         rows.append(row)
+    ceilings = [ceiling_before, matmul_ceiling(args.device)]
+    ceiling = statistics.median(ceilings)
+    flops_cache: dict[tuple[str, int, bool], float] = {}
+    for row in rows:
+        key = (row["size"], row["T"], row["method"] == "backprop")
+        if key not in flops_cache:
+            flops_cache[key] = step_flops(
+                {"method": row["method"], "size": row["size"], "T": row["T"]}, args
+            )
+        row["flops_per_sample"] = flops_cache[key] / args.batch
+        if row.get("samples_per_s"):
+            row["gflops"] = row["samples_per_s"] * row["flops_per_sample"] / 1e9
+            row["fraction_of_ceiling"] = row["gflops"] / ceiling
     result = {
         "benchmark": "training_step",
+        "matmul_ceiling_gflops": ceiling,
+        "matmul_ceiling_runs_gflops": ceilings,
         "device": args.device,
         "device_name": torch.cuda.get_device_name()
         if args.device == "cuda"

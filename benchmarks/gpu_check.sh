@@ -5,6 +5,7 @@
 # Usage (from the repository root, on a machine with a CUDA GPU):
 #   bash benchmarks/gpu_check.sh tests bench          # CUDA tests + bench_training --device cuda
 #   bash benchmarks/gpu_check.sh paper 00:00:04:00    # both paper MNIST configs, 4 min each
+#   EPOCHS=5 bash benchmarks/gpu_check.sh table1       # Table 1 protocol, MNIST DT + backprop
 #
 # Environment: DATA_DIR (a folder with MNIST/raw, default ./data), OUT (where logs and JSON
 # go, default benchmarks/results/gpu). If DATA_DIR has no MNIST/raw but MNIST_GZ names a
@@ -47,6 +48,12 @@ for arg in "$@"; do
       timeout 300 "$PY" benchmarks/bench_training.py --device cuda --sizes mnist cifar \
         --warmup 3 --steps 10 --out "$OUT/bench_training_cuda.json" 2>"$OUT/bench_progress.log" \
         | tee "$OUT/bench_training_cuda.txt"
+      ;;
+    table1)
+      echo "== reproduce_paper.py: MNIST NoProp-DT and backprop, 3 seeds, ${EPOCHS:-5} epochs"
+      timeout 900 "$PY" benchmarks/reproduce_paper.py --dataset mnist --methods noprop_dt backprop \
+        --epochs "${EPOCHS:-5}" --data-dir "$DATA_DIR" --out "$OUT/table1" 2>&1 \
+        | grep -v -i "warn" | tee "$OUT/table1.log" | tail -12
       ;;
     paper)
       stage=paper

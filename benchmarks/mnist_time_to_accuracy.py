@@ -193,6 +193,8 @@ def main() -> None:
             "final_test_acc": evaluator.curve[-1]["test_acc"],
             "time_to_97": time_to(evaluator.curve, 0.97),
             "time_to_98": time_to(evaluator.curve, 0.98),
+            "time_to_98.5": time_to(evaluator.curve, 0.985),
+            "time_to_99": time_to(evaluator.curve, 0.99),
             "curve": evaluator.curve,
         }
         if isinstance(module, NoPropModule):
@@ -210,6 +212,8 @@ def main() -> None:
         "test acc",
         "t->97%",
         "t->98%",
+        "t->98.5%",
+        "t->99%",
         "det. acc",
         "stoch. acc",
     ):
@@ -224,6 +228,8 @@ def main() -> None:
             f"{r['final_test_acc']:.4f}",
             fmt(r["time_to_97"]),
             fmt(r["time_to_98"]),
+            fmt(r["time_to_98.5"]),
+            fmt(r["time_to_99"]),
             f"{r.get('test_acc_deterministic', float('nan')):.4f}",
             f"{r.get('test_acc_stochastic', float('nan')):.4f}",
         )

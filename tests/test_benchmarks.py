@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +50,65 @@ def test_missing_data_is_one_error_line(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: MNIST dataset not found")
+
+
+REPRODUCE = ROOT / "benchmarks" / "reproduce_paper.py"
+
+
+def test_paper_protocol_on_digits_end_to_end(tmp_path):
+    """Every method, 2 seeds, the whole training split, final weights: a Table 1 table."""
+    cmd = [sys.executable, str(REPRODUCE), "--dataset", "digits", "--seeds", "2", "--epochs", "1"]
+    cmd += ["--dt-repeats", "2", "--steps", "5", "--out", str(tmp_path)]
+    cmd += ["--", "--trainer.limit_train_batches", "3", "--model.init_args.network.hidden", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads((tmp_path / "table1_digits.json").read_text())
+    assert payload["split"] == "full" and payload["seeds"] == [0, 1]
+    rows = {row["method"]: row for row in payload["rows"]}
+    assert list(rows) == ["backprop", "noprop_dt", "noprop_ct", "noprop_fm"]
+    for row in rows.values():
+        assert len(row["runs"]) == 2 and row["epochs"] == 1
+        # digits: 1797 images, 360 for test, the other 1437 all train (val_size 0).
+        assert all(run["train_samples"] == 1437 for run in row["runs"])
+        accs = [run["test_acc"] for run in row["runs"]]
+        assert all(0.0 <= a <= 100.0 for a in accs)
+        assert abs(row["mean"] - sum(accs) / 2) < 1e-9
+        assert row["se"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    dt = rows["noprop_dt"]
+    for run in dt["runs"]:
+        assert len(run["stochastic_runs"]) == 2
+        assert run["test_acc"] == pytest.approx(sum(run["stochastic_runs"]) / 2)
+        assert 0.0 <= run["deterministic"] <= 100.0
+    table = (tmp_path / "table1_digits.md").read_text()
+    assert "| NoProp-DT one-hot | 1 |" in table and "± " in table
+    assert "whole training split (val_size 0)" in table
+
+
+def test_paper_protocol_refuses_a_dataset_without_configs(tmp_path):
+    cmd = [sys.executable, str(REPRODUCE), "--dataset", "svhn", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no shipped config backprop_svhn")
+
+
+def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_training
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    result = bench_training.main(
+        ["--T", "2", "--methods", "backprop", "sequential", "--no-memory", "--batch", "8",
+         "--steps", "1", "--torch-threads", "1", "--out", str(out)]
+    )  # fmt: skip
+    assert result["matmul_ceiling_gflops"] > 0
+    rows = {row["method"]: row for row in result["rows"]}
+    # FLOPs of the paper's MNIST DT block (conv 32/64/128, hidden 256), forward + backward:
+    # about 121 MFLOP per sample and block; the backward of the first convolution w.r.t. the
+    # images is not needed, nor is it counted.
+    assert 2 * 100e6 < rows["sequential"]["flops_per_sample"] < 2 * 130e6
+    for row in rows.values():
+        assert row["fraction_of_ceiling"] == pytest.approx(
+            row["samples_per_s"] * row["flops_per_sample"] / 1e9 / result["matmul_ceiling_gflops"]
+        )

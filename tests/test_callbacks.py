@@ -518,3 +518,28 @@ def test_prediction_writer_writes_probabilities_in_dataset_order(tmp_path, file_
     torch.testing.assert_close(
         probs.sum(-1) if file_format == "csv" else saved["probs"].sum(-1), torch.ones(20)
     )
+
+
+def test_channels_last_converts_the_weights_and_computes_the_same(tmp_path):
+    from noprop_lightning.callbacks import ChannelsLast
+
+    torch.manual_seed(0)
+    module = NoPropModule(**TINY, num_blocks=2)
+    twin = NoPropModule(**TINY, num_blocks=2)
+    twin.load_state_dict(module.state_dict())
+    trainer = tiny_trainer(tmp_path, max_epochs=1, callbacks=[ChannelsLast()])
+    ChannelsLast().setup(trainer, twin, "fit")
+    convs = [m.weight for m in twin.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x, _ = tiny_batch(8)
+    module.eval(), twin.eval()
+    with torch.no_grad():  # the same numbers up to float rounding (summation order)
+        torch.testing.assert_close(
+            twin.predict_logits(x, deterministic=True),
+            module.predict_logits(x, deterministic=True),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    trainer.fit(twin, tiny_loader(n=16, batch_size=8))  # and it trains in that layout
+    assert trainer.state.finished
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

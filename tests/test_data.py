@@ -89,6 +89,28 @@ def test_mnist_split_sizes_and_stages(fake_mnist_dir: Path) -> None:
     assert len(dm.test_dataset) == 32
 
 
+def test_val_size_zero_trains_on_the_whole_split_without_validation(fake_mnist_dir, tmp_path):
+    import lightning as L
+
+    from noprop_lightning import NoPropModule
+    from tests.helpers import tiny_network
+
+    dm = MNISTDataModule(data_dir=str(fake_mnist_dir), val_size=0, batch_size=16)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 64 and len(dm.val_dataset) == 0  # every training image
+    module = NoPropModule(num_blocks=2, network=tiny_network(encoder="mlp"))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert trainer.state.finished and trainer.global_step == 4 * 3  # 4 batches, T+1 steps
+    assert "val/acc" not in trainer.callback_metrics  # no validation ran
+    with pytest.raises(ConfigurationError, match="val_size=0. has no validation split"):
+        trainer.validate(module, datamodule=dm)
+    with pytest.raises(ConfigurationError, match="must be >= 0"):
+        MNISTDataModule(val_size=-1)
+
+
 def test_mnist_float_val_size_and_train_subset(fake_mnist_dir: Path) -> None:
     dm = MNISTDataModule(data_dir=str(fake_mnist_dir), val_size=0.25, train_subset=10)
     dm.setup("fit")

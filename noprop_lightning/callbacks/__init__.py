@@ -9,12 +9,14 @@
 * :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
 * :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
 * :class:`PredictionWriter`: ``predict``'s probabilities and classes to a CSV or tensor file.
+* :class:`ChannelsLast`: convolution weights in channels-last layout (faster convolutions).
 """
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.last import LastCheckpoint
+from noprop_lightning.callbacks.layout import ChannelsLast
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
 from noprop_lightning.callbacks.model_summary import CompactModelSummary
 from noprop_lightning.callbacks.predictions import PredictionWriter
@@ -36,6 +38,7 @@ def default_callbacks() -> list:
 
 __all__ = [
     "AtomicCheckpointIO",
+    "ChannelsLast",
     "CompactModelSummary",
     "EpochTimer",
     "LastCheckpoint",

@@ -27,6 +27,7 @@ from noprop_lightning.data.files import (
     example_file,
     missing_files,
     missing_message,
+    no_validation,
     permission_message,
     validate_arguments,
 )
@@ -66,7 +67,8 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         batch_size: Samples per batch for every dataloader.
         num_workers: Dataloader worker processes (``0`` loads in the main process).
         val_size: Size of the validation split carved from the train split: an ``int`` count
-            or a ``float`` fraction in ``(0, 1)``.
+            or a ``float`` fraction in ``(0, 1)``; ``0`` trains on the whole train split
+            with no validation (the paper's protocol; no validation-based selection).
         split_seed: Seed of the permutation that chooses the validation samples.
         augment: Apply random training-time augmentation (the paper uses none).
         pin_memory: Pin batches in page-locked memory (useful with a GPU).
@@ -163,7 +165,6 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
 
         Raises:
             DatasetNotFoundError: If the download fails (e.g. no network access).
-
         """
         if not self.download:
             return
@@ -194,7 +195,6 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
             DatasetNotFoundError: If the dataset files are missing.
             DatasetCorruptError: If the files exist but cannot be read.
             ConfigurationError: If ``val_size`` leaves no training samples.
-
         """
         need_train = stage in (None, "fit", "validate")
         need_test = stage in (None, "test", "predict")
@@ -234,8 +234,10 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         """Continue the training order of a checkpoint (see :meth:`state_dict`)."""
         self._resume_order = state_dict.get(ORDER_KEY) or None
 
-    def val_dataloader(self) -> DataLoader:
-        """Loader over the validation split (carved from the train split)."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Loader over the validation split (``val_size=0``: see :func:`no_validation`)."""
+        if self.val_size == 0:
+            return no_validation(self)
         if self.val_dataset is None:
             self.setup("validate")
         return self._loader(self.val_dataset)

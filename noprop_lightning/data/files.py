@@ -6,6 +6,7 @@ damaged dataset stops with one paragraph instead of a reader's traceback.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -121,6 +122,26 @@ def missing_message(
     return message
 
 
+def no_validation(data: object) -> list:
+    """The validation "loader" of a data module with ``val_size=0``: none.
+
+    ``fit`` gets an empty list (Lightning then skips validation: the whole train split
+    trains and nothing is selected on validation data); ``validate`` gets an error.
+
+    Raises:
+        ConfigurationError: When the trainer is validating.
+    """
+    trainer = getattr(data, "trainer", None)
+    if trainer is not None and trainer.state.fn == "validate":
+        raise ConfigurationError(
+            f"{type(data).__name__}(val_size=0) has no validation split to validate on: use "
+            "test, or a val_size > 0."
+        )
+    # Lightning warns that the (deliberately) empty list has no batches; only that warning.
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
+    return []
+
+
 def validate_arguments(
     batch_size: int, num_workers: int, val_size: int | float, train_subset: int | None
 ) -> None:
@@ -137,8 +158,10 @@ def validate_arguments(
         raise ConfigurationError(
             f"val_size must be an int count or a float fraction in (0, 1), got {val_size!r}"
         )
-    if isinstance(val_size, int) and val_size < 1:
-        raise ConfigurationError(f"val_size as a count must be >= 1, got {val_size}")
+    if isinstance(val_size, int) and val_size < 0:
+        raise ConfigurationError(
+            f"val_size as a count must be >= 0 (0: no validation split), got {val_size}"
+        )
     if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
         raise ConfigurationError(
             f"val_size as a fraction must lie in (0, 1), got {val_size}; "
