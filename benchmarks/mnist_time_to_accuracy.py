@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noprop_lightning import NoPropModule
-from noprop_lightning.cli import NoPropCLI
+from noprop_lightning.cli.build import build_from_config
 from noprop_lightning.errors import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,22 +112,15 @@ def instantiate(
     model, its optimizer and scheduler, the batch size and the linked data properties are
     those of the YAML; only the data directory is overridden.
     """
-    cli = NoPropCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        run=False,
-        args=[
+    cli = build_from_config(
+        [
             "--config",
             str(config),
             "--data.init_args.data_dir",
             data_dir,
             "--trainer.logger",
             "false",
-        ],
+        ]
     )
     return cli.model, cli.datamodule, cli.trainer.max_epochs
 

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from noprop_lightning.cli import NoPropCLI
-from noprop_lightning.cli.output import quiet_known_noise
+from noprop_lightning.cli.build import build_from_config
 from noprop_lightning.config_files import shipped_configs
 from noprop_lightning.errors import ConfigurationError, exit_status
 
@@ -114,20 +114,7 @@ def build(config: Path, args: argparse.Namespace, method: str, seed: int) -> NoP
     if method in ("noprop_ct", "noprop_fm"):
         overrides += ["--model.init_args.inference.start", "noise"]
         overrides += ["--model.init_args.inference.steps", str(args.steps)]
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns about args and argv both
-    try:
-        return NoPropCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_callback=None,
-            run=False,
-            args=[*overrides, *args.extra],
-        )
-    finally:
-        sys.argv = argv
+    return build_from_config([*overrides, *args.extra])
 
 
 @torch.no_grad()
@@ -294,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.seed_list = list(range(args.seeds))
-    quiet_known_noise()
     args.extra = extra
     return exit_status(lambda: reproduce(args))
 

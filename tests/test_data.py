@@ -474,7 +474,6 @@ def test_digits_augment() -> None:
         {"batch_size": 0},
         {"batch_size": 2.5},
         {"num_workers": -1},
-        {"val_size": 0},
         {"val_size": -3},
         {"val_size": 0.0},
         {"val_size": 1.0},

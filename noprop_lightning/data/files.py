@@ -165,7 +165,7 @@ def validate_arguments(
     if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
         raise ConfigurationError(
             f"val_size as a fraction must lie in (0, 1), got {val_size}; "
-            "pass an int for a sample count"
+            "pass an int for a sample count (0: no validation split)"
         )
     if train_subset is not None and (
         isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1
