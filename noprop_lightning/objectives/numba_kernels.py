@@ -95,9 +95,9 @@ def _loss_grad_impl(
 
 def _update_impl(uhat, z_prev, coef_a, coef_b, coef_c, noise, out, parts):  # pragma: no cover
     n = out.shape[0]
-    a = coef_a[()]
-    b = coef_b[()]
-    c = coef_c[()]
+    a = coef_a
+    b = coef_b
+    c = coef_c
     for part in numba.prange(parts):
         lo = part * n // parts
         hi = (part + 1) * n // parts
@@ -111,8 +111,8 @@ def _update_impl(uhat, z_prev, coef_a, coef_b, coef_c, noise, out, parts):  # pr
 
 def _update_det_impl(uhat, z_prev, coef_a, coef_b, out, parts):  # pragma: no cover - Numba
     n = out.shape[0]
-    a = coef_a[()]
-    b = coef_b[()]
+    a = coef_a
+    b = coef_b
     for part in numba.prange(parts):
         lo = part * n // parts
         hi = (part + 1) * n // parts

@@ -58,10 +58,17 @@ def _launch(name: str, numel: int, row: int, *args: Any) -> None:
 
 def _array(tensor: torch.Tensor, rows: int | None = None) -> np.ndarray:
     """A numpy view of ``tensor`` (copied only if not contiguous), optionally ``(rows, -1)``."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    array = tensor.detach().numpy()
+    array = tensor.numpy()
     return array if rows is None else array.reshape(rows, -1)
+
+
+def _flat(tensor: torch.Tensor) -> np.ndarray:
+    """:func:`_array` as one flat row."""
+    return _array(tensor).reshape(-1)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -72,11 +79,17 @@ def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, memory_format=torch.contiguous_format)
 
 
-def _scalar(value: torch.Tensor | float, dtype: torch.dtype) -> np.ndarray:
-    """A 0-d numpy array of ``dtype``, so the kernel computes in that precision."""
+_NUMPY_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _scalar(value: torch.Tensor | float, dtype: torch.dtype) -> np.floating:
+    """A numpy scalar of ``dtype``, so the kernel computes in that precision.
+
+    A 0-d tensor of another dtype is rounded to ``dtype`` first, as ``Tensor.to`` would.
+    """
     if isinstance(value, torch.Tensor):
-        return _cast(value, dtype).detach().numpy().reshape(())
-    return np.asarray(value, dtype=np.float32 if dtype == torch.float32 else np.float64)
+        value = value.item()
+    return _NUMPY_SCALAR[dtype](value)
 
 
 def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
@@ -105,7 +118,7 @@ def _sample(u, signal, noise_scale, noise) -> torch.Tensor:
         "sample",
         out.numel(),
         u.numel(),
-        _array(u).reshape(-1),
+        _flat(u),
         _array(signal),
         _array(noise_scale),
         _array(noise, k),
@@ -123,7 +136,7 @@ def _losses(uhat, u, weights) -> torch.Tensor:
         uhat.numel(),
         u.numel(),
         _array(uhat, k),
-        _array(u).reshape(-1),
+        _flat(u),
         _array(weights),
         batch,
         partial,
@@ -174,7 +187,7 @@ class _DenoisingLosses(torch.autograd.Function):
             u.numel(),
             _array(_cast(grad_out, u.dtype)),
             _array(uhat, k),
-            _array(u).reshape(-1),
+            _flat(u),
             _array(weights),
             batch,
             grad_uhat.numpy().reshape(k, -1),
@@ -252,8 +265,8 @@ class NumbaDiffusionOps:
             )
         out = _empty_like(z_prev)
         args = [
-            _array(_cast(uhat, dtype)).reshape(-1),
-            _array(z_prev).reshape(-1),
+            _flat(_cast(uhat, dtype)),
+            _flat(z_prev),
             _scalar(a, dtype),
             _scalar(b, dtype),
         ]
@@ -262,7 +275,7 @@ class NumbaDiffusionOps:
                 "update_deterministic", out.numel(), out.numel(), *args, out.numpy().reshape(-1)
             )
         else:
-            args += [_scalar(noise_scale, dtype), _array(_cast(noise, dtype)).reshape(-1)]
+            args += [_scalar(noise_scale, dtype), _flat(_cast(noise, dtype))]
             _launch("update", out.numel(), out.numel(), *args, out.numpy().reshape(-1))
         return out
 
