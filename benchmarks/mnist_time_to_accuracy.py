@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noprop_lightning import NoPropModule
+from noprop_lightning.callbacks import ChannelsLast
 from noprop_lightning.cli.build import build_from_config
 from noprop_lightning.errors import exit_status
 
@@ -105,12 +106,14 @@ def resolve_config(name: str) -> Path:
 
 def instantiate(
     config: Path, data_dir: str
-) -> tuple[L.LightningModule, L.LightningDataModule, int]:
-    """Model, data module and ``trainer.max_epochs`` exactly as ``cli.py fit`` builds them.
+) -> tuple[L.LightningModule, L.LightningDataModule, int, list[L.Callback]]:
+    """Model, data module, ``trainer.max_epochs`` and the callbacks that change training.
 
     The config goes through :class:`~noprop_lightning.cli.NoPropCLI` (``run=False``), so the
     model, its optimizer and scheduler, the batch size and the linked data properties are
-    those of the YAML; only the data directory is overridden.
+    those of the YAML; only the data directory is overridden. Of the config's callbacks only
+    those that change how it trains are kept (:class:`~noprop_lightning.callbacks.
+    ChannelsLast`); checkpointing and measuring callbacks are not.
     """
     cli = build_from_config(
         [
@@ -122,7 +125,8 @@ def instantiate(
             "false",
         ]
     )
-    return cli.model, cli.datamodule, cli.trainer.max_epochs
+    kept = [c for c in cli.trainer.callbacks if isinstance(c, ChannelsLast)]
+    return cli.model, cli.datamodule, cli.trainer.max_epochs, kept
 
 
 def time_to(curve: list[dict[str, float]], target: float) -> float | None:
@@ -155,7 +159,7 @@ def main() -> None:
     for name in args.configs:
         config = resolve_config(name)
         L.seed_everything(args.seed)
-        module, dm, max_epochs = instantiate(config, args.data_dir)
+        module, dm, max_epochs, kept = instantiate(config, args.data_dir)
         dm.setup("test")
         evaluator = BudgetedEvaluator(dm.test_dataloader(), args.budget, args.eval_every)
         dm.setup("fit")
@@ -167,7 +171,7 @@ def main() -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
             limit_val_batches=0,
-            callbacks=[evaluator],
+            callbacks=[evaluator, *kept],
         )
         name = config.stem
         Console().print(f"[bold]{name}[/bold] (torch threads: {torch.get_num_threads()})")
@@ -179,6 +183,7 @@ def main() -> None:
             "batch_size": dm.batch_size,
             "max_epochs": max_epochs,
             "method": type(module).__name__,
+            "callbacks": [type(c).__name__ for c in kept],
             "params": sum(p.numel() for p in module.parameters()),
             "train_seconds": evaluator.train_seconds,
             "samples": evaluator.samples,
