@@ -30,8 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noprop_lightning import NoPropModule
-from noprop_lightning.callbacks import ChannelsLast
-from noprop_lightning.cli.build import build_from_config
+from noprop_lightning.cli.build import build_from_config, training_callbacks
 from noprop_lightning.errors import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +111,8 @@ def instantiate(
     The config goes through :class:`~noprop_lightning.cli.NoPropCLI` (``run=False``), so the
     model, its optimizer and scheduler, the batch size and the linked data properties are
     those of the YAML; only the data directory is overridden. Of the config's callbacks only
-    those that change how it trains are kept (:class:`~noprop_lightning.callbacks.
-    ChannelsLast`); checkpointing and measuring callbacks are not.
+    those that change how it trains are kept (``TRAINING_CALLBACKS`` of
+    :mod:`noprop_lightning.cli.build`); checkpointing and measuring callbacks are not.
     """
     cli = build_from_config(
         [
@@ -125,7 +124,7 @@ def instantiate(
             "false",
         ]
     )
-    kept = [c for c in cli.trainer.callbacks if isinstance(c, ChannelsLast)]
+    kept = training_callbacks(cli.trainer.callbacks)
     return cli.model, cli.datamodule, cli.trainer.max_epochs, kept
 
 

@@ -37,10 +37,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 
 from noprop_lightning.cli import NoPropCLI
-from noprop_lightning.cli.build import build_from_config
+from noprop_lightning.cli.build import build_from_config, training_callback_configs
 from noprop_lightning.config_files import shipped_configs
 from noprop_lightning.errors import ConfigurationError, exit_status
 
@@ -70,21 +69,6 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, statistics.stdev(values) / len(values) ** 0.5
 
 
-#: Callbacks of the configs that change how training runs (kept); the others checkpoint or
-#: measure (dropped: no checkpoint is selected, and the protocol prints its own table).
-KEPT_CALLBACKS = ("noprop_lightning.callbacks.ChannelsLast",)
-
-
-def kept_callbacks(config: Path) -> list[dict[str, Any]]:
-    """The config's callbacks that are part of how it trains (see :data:`KEPT_CALLBACKS`)."""
-    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
-    return [
-        c
-        for c in trainer.get("callbacks") or []
-        if isinstance(c, dict) and c.get("class_path") in KEPT_CALLBACKS
-    ]
-
-
 def build(config: Path, args: argparse.Namespace, method: str, seed: int) -> NoPropCLI:
     """Model, data and trainer as ``noprop-lightning fit`` builds them, for this protocol."""
     overrides = [
@@ -97,7 +81,7 @@ def build(config: Path, args: argparse.Namespace, method: str, seed: int) -> NoP
         "--trainer.enable_checkpointing",
         "false",
         "--trainer.callbacks",
-        json.dumps(kept_callbacks(config)),
+        json.dumps(training_callback_configs(config)),
         "--trainer.enable_model_summary",
         "false",
         "--trainer.enable_progress_bar",

@@ -112,3 +112,17 @@ def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
         assert row["fraction_of_ceiling"] == pytest.approx(
             row["samples_per_s"] * row["flops_per_sample"] / 1e9 / result["matmul_ceiling_gflops"]
         )
+
+
+def test_scripts_keep_only_the_callbacks_that_change_training():
+    from noprop_lightning.callbacks import ChannelsLast, EpochTimer, LastCheckpoint
+    from noprop_lightning.cli.build import training_callback_configs, training_callbacks
+    from noprop_lightning.config_files import shipped_configs
+
+    configs = shipped_configs()
+    assert training_callback_configs(configs["noprop_mnist_cpu"]) == [
+        {"class_path": "noprop_lightning.callbacks.ChannelsLast"}
+    ]
+    assert training_callback_configs(configs["quickstart"]) == []
+    layout = ChannelsLast()
+    assert training_callbacks([EpochTimer(), layout, LastCheckpoint()]) == [layout]

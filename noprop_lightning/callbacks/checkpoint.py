@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
-from noprop_lightning.errors import CheckpointMismatchError
+from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
 
 #: Checkpoint key under which the global RNG states (torch, CUDA, numpy, python) are stored.
 RNG_STATE_KEY = "noprop_rng_states"
@@ -65,6 +65,28 @@ class RNGStateCheckpoint(Callback):
         if states is not None and trainer.state.fn == TrainerFn.FITTING:
             restore_rng_states(states)
         match_checkpoint_dirs(trainer, checkpoint)
+
+
+def check_full_training_state(checkpoint: Mapping[str, Any], name: str = "the checkpoint") -> None:
+    """Refuse a weights-only checkpoint (``save_weights_only=True``) for resuming a fit.
+
+    Lightning would load the weights and then fail with a ``KeyError`` on the missing
+    optimizer states.
+
+    Args:
+        checkpoint: The loaded checkpoint.
+        name: How the message names the checkpoint (e.g. ``"--ckpt_path last.ckpt"``).
+
+    Raises:
+        CheckpointError: If the optimizer states are missing.
+    """
+    if "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            f"{name} holds the weights only (it was saved with save_weights_only=True), so it "
+            "cannot resume a fit: the optimizer states, the epoch and the data order are "
+            "missing. Use it to test, validate or predict (or with load_from_checkpoint), or "
+            "resume from the run's last.ckpt (LastCheckpoint always saves the full state)."
+        )
 
 
 def match_checkpoint_dirs(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:

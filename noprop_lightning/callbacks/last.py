@@ -132,13 +132,8 @@ class LastCheckpoint(ModelCheckpoint):
         if self._stop_requested and not trainer.sanity_checking:
             raise KeyboardInterrupt
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Put the previous Ctrl-C handler back."""
-        super().on_train_end(trainer, pl_module)
-        self._restore_sigint()
-
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Put the previous Ctrl-C handler back (also after an exception)."""
+        """Put the previous Ctrl-C handler back (after an exception, see :meth:`on_exception`)."""
         super().teardown(trainer, pl_module, stage)
         self._restore_sigint()
 

@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import yaml
 
+from noprop_lightning.callbacks import ChannelsLast
 from noprop_lightning.cli import NoPropCLI
+from noprop_lightning.cli.checkpoints import import_class
 from noprop_lightning.cli.output import quiet_known_noise
+
+#: Callbacks that change how a config trains. Scripts that replace a config's checkpointing
+#: and measuring callbacks with their own keep these (the others only save or observe).
+TRAINING_CALLBACKS: tuple[type[L.Callback], ...] = (ChannelsLast,)
+
+
+def training_callbacks(callbacks: Iterable[L.Callback]) -> list[L.Callback]:
+    """The instances among ``callbacks`` that are :data:`TRAINING_CALLBACKS`."""
+    return [c for c in callbacks if isinstance(c, TRAINING_CALLBACKS)]
+
+
+def training_callback_configs(config: Path) -> list[dict[str, Any]]:
+    """The entries of a config file's ``trainer.callbacks`` that are :data:`TRAINING_CALLBACKS`."""
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    kept = []
+    for entry in trainer.get("callbacks") or []:
+        cls = import_class(str(entry.get("class_path"))) if isinstance(entry, dict) else None
+        if isinstance(cls, type) and issubclass(cls, TRAINING_CALLBACKS):
+            kept.append(entry)
+    return kept
 
 
 def build_from_config(args: Sequence[str]) -> NoPropCLI:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import importlib
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from noprop_lightning.callbacks.checkpoint import flatten_mapping, structural_differences
+from noprop_lightning.callbacks.checkpoint import (
+    check_full_training_state,
+    flatten_mapping,
+    structural_differences,
+)
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
 from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
 from noprop_lightning.modules.base import ClassifierModule
@@ -111,13 +115,8 @@ def check_checkpoint_use(checkpoint: Any, path: str, subcommand: str) -> None:
             "LastCheckpoint, trainer.save_checkpoint). To start from bare weights, load them "
             "in Python with model.load_state_dict(torch.load(file)) before trainer.fit."
         )
-    if subcommand == "fit" and "optimizer_states" not in checkpoint:
-        raise CheckpointError(
-            f"--ckpt_path {path} holds the weights only (it was saved with "
-            "save_weights_only=True), so it cannot resume a fit: the optimizer states, the "
-            "epoch and the data order are missing. Use it with test, validate or predict, or "
-            "resume from the run's last.ckpt (LastCheckpoint always saves the full state)."
-        )
+    if subcommand == "fit":
+        check_full_training_state(checkpoint, f"--ckpt_path {path}")
 
 
 def import_class(class_path: str) -> type | None:
@@ -176,10 +175,18 @@ def check_model_against_checkpoint(
         )
 
 
-def checkpoint_dirpath(checkpoint: Mapping[str, Any]) -> str | None:
-    """Where the ``ModelCheckpoint`` that wrote ``checkpoint`` saved (``None``: unknown)."""
+def model_checkpoint_states(checkpoint: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """The saved states of the ``ModelCheckpoint`` callbacks in ``checkpoint``, in order.
+
+    ``LastCheckpoint``'s state is not among them (its state key starts with its own name).
+    """
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if str(key).startswith("ModelCheckpoint") and isinstance(state, Mapping):
-            dirpath = state.get("dirpath")
-            return None if dirpath is None else str(dirpath)
-    return None
+            yield state
+
+
+def checkpoint_dirpath(checkpoint: Mapping[str, Any]) -> str | None:
+    """Where the ``ModelCheckpoint`` that wrote ``checkpoint`` saved (``None``: unknown)."""
+    state = next(model_checkpoint_states(checkpoint), None)
+    dirpath = None if state is None else state.get("dirpath")
+    return None if dirpath is None else str(dirpath)

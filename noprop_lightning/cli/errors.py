@@ -17,9 +17,9 @@ from noprop_lightning.errors import ConfigurationError, NoPropUserError
 
 #: Accelerator names and how to tell whether this machine has one.
 _ACCELERATORS = {
-    "gpu": ("a CUDA GPU", lambda: torch.cuda.is_available()),
-    "cuda": ("a CUDA GPU", lambda: torch.cuda.is_available()),
-    "mps": ("Apple's MPS", lambda: torch.backends.mps.is_available()),
+    "gpu": ("a CUDA GPU", torch.cuda.is_available),
+    "cuda": ("a CUDA GPU", torch.cuda.is_available),
+    "mps": ("Apple's MPS", torch.backends.mps.is_available),
     "tpu": ("a TPU (torch_xla)", lambda: importlib.util.find_spec("torch_xla") is not None),
 }
 

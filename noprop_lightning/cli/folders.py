@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from noprop_lightning.cli.checkpoints import model_checkpoint_states
 from noprop_lightning.errors import ConfigurationError
 
 #: Loggers whose folder is ``<save_dir>/<name>/<version>`` (``version_N`` by default).
@@ -102,10 +103,9 @@ def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | N
     last = runs[-1]
     if name == "last":
         return str(last)
-    state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks") or {}
-    for key, value in state.items():
-        best = value.get("best_model_path") if isinstance(value, dict) else None
-        if str(key).startswith("ModelCheckpoint") and best and Path(best).is_file():
+    for state in model_checkpoint_states(torch.load(last, map_location="cpu", weights_only=True)):
+        best = state.get("best_model_path")
+        if best and Path(best).is_file():
             return str(best)
     raise ConfigurationError(
         f"--ckpt_path best: the latest run {last.parent.parent} records no best checkpoint "

@@ -10,8 +10,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
-from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
+from noprop_lightning.callbacks.checkpoint import (
+    RNGStateCheckpoint,
+    check_checkpoint_matches,
+    check_full_training_state,
+)
+from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from noprop_lightning.modules import guards
 
 #: Checkpoint key of the run's seed.
@@ -106,14 +110,8 @@ class ResumeHooks:
                 fail with a ``KeyError`` after loading the weights).
         """
         check_checkpoint_matches(self, checkpoint, self.structural_hparams)
-        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
-        if fitting and "optimizer_states" not in checkpoint:
-            raise CheckpointError(
-                "the checkpoint holds the weights only (saved with save_weights_only=True), so "
-                "it cannot resume a fit: the optimizer states, the epoch and the data order are "
-                "missing. Use it with trainer.test/validate/predict or load_from_checkpoint, or "
-                "resume from last.ckpt (LastCheckpoint always saves the full state)."
-            )
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            check_full_training_state(checkpoint)
         if checkpoint.get(RUN_SEED_KEY) is not None:
             self._run_seed = int(checkpoint[RUN_SEED_KEY])
 
