@@ -135,6 +135,64 @@ def test_inference_update_matches_torch_bit_for_bit(kernel_variant, dtype, stoch
             )
 
 
+def test_strided_and_cast_inputs_give_the_same_numbers(kernel_variant):
+    """The kernels read raw addresses: views with other strides, expanded gradients and
+    other dtypes must be made dense first, never read as if they were."""
+    d = inputs(3, 20, 6, torch.float64)
+    u_t = d["u"].t().contiguous().t()  # (B, d) with transposed strides
+    noise_t = d["noise"].transpose(1, 2).contiguous().transpose(1, 2)
+    signal_t = torch.stack([d["signal"], d["signal"]], dim=1)[:, 0]  # stride 2
+    assert not (u_t.is_contiguous() or noise_t.is_contiguous() or signal_t.is_contiguous())
+    with torch.no_grad():
+        expected = TORCH.sample_marginals(d["u"], d["signal"], d["noise_scale"], d["noise"])
+        got = NUMBA.sample_marginals(u_t, signal_t, d["noise_scale"].float(), noise_t)
+    assert torch.equal(got, expected)
+    uhat = d["uhat"].transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    u = u_t.clone().requires_grad_(True)
+    losses = NUMBA.denoising_losses(uhat, u, d["weights"])
+    losses.sum().backward()  # the upstream gradient is an expanded (stride 0) tensor
+    uhat_ref = d["uhat"].clone().requires_grad_(True)
+    u_ref = d["u"].clone().requires_grad_(True)
+    TORCH.denoising_losses(uhat_ref, u_ref, d["weights"]).sum().backward()
+    torch.testing.assert_close(uhat.grad, uhat_ref.grad, **TOL[torch.float64])
+    torch.testing.assert_close(u.grad, u_ref.grad, **TOL[torch.float64])
+    with torch.no_grad():
+        a, b, c = d["coefs"]
+        expected = TORCH.inference_update(d["uhat"][0], d["u"], a, b, c, d["noise"][0])
+        got = NUMBA.inference_update(uhat[0], u_t, float(a), b.float(), c, noise_t[0])
+    assert torch.equal(got, expected)
+
+
+def test_shapes_the_kernels_do_not_take_are_refused():
+    """No kernel ever reads past a tensor: a size mismatch is an error, not garbage."""
+    d = inputs(3, 8, 4)
+    u_leaf = d["u"].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        NUMBA.sample_marginals(d["u"][:5], d["signal"], d["noise_scale"], d["noise"])
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        NUMBA.sample_marginals(u_leaf, d["signal"][:2], d["noise_scale"], d["noise"])
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        NUMBA.denoising_losses(d["uhat"], d["u"][:, :3], d["weights"])
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        NUMBA.denoising_losses(d["uhat"], d["u"], d["weights"][:1])
+    with pytest.raises(ValueError, match="incompatible shapes"), torch.no_grad():
+        NUMBA.inference_update(d["uhat"][0], d["u"][:4], *d["coefs"], d["noise"][0])
+    with pytest.raises(ValueError, match="one-element"), torch.no_grad():
+        NUMBA.inference_update(d["uhat"][0], d["u"], d["signal"], *d["coefs"][1:])
+
+
+def test_second_derivatives_are_refused_clearly():
+    d = inputs(2, 5, 3, torch.float64)
+    u = d["u"].clone().requires_grad_(True)
+    uhat = d["uhat"].clone().requires_grad_(True)
+    z = NUMBA.sample_marginals(u, d["signal"], d["noise_scale"], d["noise"])
+    with pytest.raises(ConfigurationError, match="create_graph=True"):
+        torch.autograd.grad(z.sum(), u, create_graph=True)
+    losses = NUMBA.denoising_losses(uhat, u, d["weights"])
+    with pytest.raises(ConfigurationError, match="first derivatives only"):
+        torch.autograd.grad(losses.sum(), uhat, create_graph=True)
+
+
 def test_autograd_functions_pass_gradcheck(kernel_variant):
     d = inputs(3, 6, 4, torch.float64)
     u = d["u"].clone().requires_grad_(True)

@@ -21,9 +21,7 @@ import threading
 from typing import Any
 
 import numba
-import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.objectives.numba_kernels import KERNELS
@@ -37,16 +35,25 @@ PARALLEL_MIN_ELEMENTS = 1 << 15
 # The kernels are short, and each one is itself multi-threaded.
 _PARALLEL_LAUNCH = threading.Lock()
 
-_NUMBA_DTYPES = (torch.float32, torch.float64)
+_NUMBA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
+
+_KERNELS_BY_DTYPE = {
+    dtype: {name: variants[dtype_name] for name, variants in KERNELS.items()}
+    for dtype, dtype_name in _NUMBA_DTYPES.items()
+}
 
 #: Elements per parallel slice: enough work per task to amortise its scheduling.
 _SLICE_ELEMENTS = 1 << 14
 
 
-def _launch(name: str, numel: int, row: int, *args: Any) -> None:
-    """Run kernel ``name``; ``row`` is the length of the rows the kernel slices."""
-    parallel, serial = KERNELS[name]
+def _launch(name: str, numel: int, row: int, dtype: torch.dtype, *args: Any) -> None:
+    """Run kernel ``name`` for ``dtype``; ``row`` is the length of the rows the kernel slices.
+
+    ``args`` are the kernel's arguments but the last (the number of slices, chosen here):
+    tensor addresses, sizes and scalars.
+    """
+    parallel, serial = _KERNELS_BY_DTYPE[dtype][name]
     threads = numba.get_num_threads() if numel >= PARALLEL_MIN_ELEMENTS else 1
     if threads > 1:
         parts = max(1, min(row // _SLICE_ELEMENTS, 4 * threads))
@@ -56,40 +63,38 @@ def _launch(name: str, numel: int, row: int, *args: Any) -> None:
         serial(*args, 1)
 
 
-def _array(tensor: torch.Tensor, rows: int | None = None) -> np.ndarray:
-    """A numpy view of ``tensor`` (copied only if not contiguous), optionally ``(rows, -1)``."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
+def _ready(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as a contiguous tensor of ``dtype`` (copied only when it is not one).
+
+    The kernels read raw addresses, so this is what makes them safe: whatever the caller's
+    strides (an expanded gradient, a transposed view), the kernel sees dense memory. The
+    result must stay referenced until the kernel returns.
+    """
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    array = tensor.numpy()
-    return array if rows is None else array.reshape(rows, -1)
+    return tensor
 
 
-def _flat(tensor: torch.Tensor) -> np.ndarray:
-    """:func:`_array` as one flat row."""
-    return _array(tensor).reshape(-1)
+def _coefficient(value: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor of ``dtype`` holding ``value`` (a 0-d tensor or a number)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=dtype)
+    if value.numel() != 1 or not value.is_cpu:
+        raise ValueError(
+            f"the numba inference_update takes one-element CPU coefficients, got shape "
+            f"{tuple(value.shape)} on {value.device}"
+        )
+    return _ready(value, dtype)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+def _dense_like(tensor: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor like the contiguous ``tensor``.
 
-
-def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
-
-
-_NUMPY_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _scalar(value: torch.Tensor | float, dtype: torch.dtype) -> np.floating:
-    """A numpy scalar of ``dtype``, so the kernel computes in that precision.
-
-    A 0-d tensor of another dtype is rounded to ``dtype`` first, as ``Tensor.to`` would.
+    ``empty_like`` keeps dense strides and is twice as fast as ``torch.empty(shape, dtype=)``.
     """
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    return _NUMPY_SCALAR[dtype](value)
+    return torch.empty_like(tensor)
 
 
 def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
@@ -111,59 +116,94 @@ def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
     return dtype
 
 
+def _check_shapes(op: str, ok: bool, *tensors: torch.Tensor | None) -> None:
+    """Refuse shapes the kernels do not take: they index raw memory, so this is not optional.
+
+    Callers test the shapes inline (the common case costs no call) and call this to raise.
+    """
+    if not ok:
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors if t is not None)
+        raise ValueError(f"the numba {op} got tensors of incompatible shapes: {shapes}")
+
+
 def _sample(u, signal, noise_scale, noise) -> torch.Tensor:
+    """Inputs already :func:`_ready` in one dtype."""
     k = noise.shape[0]
-    out = _empty_like(noise)
+    out = _dense_like(noise)
     _launch(
         "sample",
         out.numel(),
         u.numel(),
-        _flat(u),
-        _array(signal),
-        _array(noise_scale),
-        _array(noise, k),
-        out.numpy().reshape(k, -1),
+        u.dtype,
+        u.data_ptr(),
+        signal.data_ptr(),
+        noise_scale.data_ptr(),
+        noise.data_ptr(),
+        out.data_ptr(),
+        k,
+        u.numel(),
     )
     return out
 
 
 def _losses(uhat, u, weights) -> torch.Tensor:
+    """Inputs already :func:`_ready` in one dtype."""
     k, batch = uhat.shape[0], uhat.shape[1]
-    partial = np.empty((k, max(1, 4 * numba.get_num_threads())), dtype=np.float64)
-    out = u.new_empty(k)
+    out = _dense_like(weights)
     _launch(
         "loss",
         uhat.numel(),
         u.numel(),
-        _array(uhat, k),
-        _flat(u),
-        _array(weights),
+        u.dtype,
+        uhat.data_ptr(),
+        u.data_ptr(),
+        weights.data_ptr(),
+        out.data_ptr(),
         batch,
-        partial,
-        out.numpy(),
+        k,
+        u.numel(),
     )
     return out
+
+
+def _refuse_second_derivative() -> None:
+    """Raise if a backward pass asks for a graph of the gradients (``create_graph=True``).
+
+    The backward kernels compute numbers, not a differentiable graph. This check replaces
+    :func:`torch.autograd.function.once_differentiable`, which costs ~4 us per backward (a
+    quarter of the whole sampling op at the paper's batch) to defer the same error.
+    """
+    if torch.is_grad_enabled():
+        raise ConfigurationError(
+            "diffusion_backend='numba' has first derivatives only: a backward pass with "
+            "create_graph=True (higher-order gradients) needs diffusion_backend='torch'"
+        )
 
 
 class _SampleMarginals(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, signal, noise_scale, noise):  # noqa: D102
-        ctx.save_for_backward(signal)
+        ctx.save_for_backward(signal, u)  # u only for the gradient's shape and dtype
         return _sample(u, signal, noise_scale, noise)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        (signal,) = ctx.saved_tensors
-        grad = _cast(grad, signal.dtype)
-        grad_u = grad.new_empty(grad.shape[1:])
+        _refuse_second_derivative()
+        signal, u = ctx.saved_tensors
+        grad = _ready(grad, signal.dtype)
+        k = grad.shape[0]
+        grad_u = _dense_like(u)
+        n = grad_u.numel()
         _launch(
             "sample_grad",
             grad.numel(),
-            grad_u.numel(),
-            _array(grad, grad.shape[0]),
-            _array(signal),
-            grad_u.numpy().reshape(-1),
+            n,
+            grad.dtype,
+            grad.data_ptr(),
+            signal.data_ptr(),
+            grad_u.data_ptr(),
+            k,
+            n,
         )
         return grad_u, None, None, None
 
@@ -175,23 +215,27 @@ class _DenoisingLosses(torch.autograd.Function):
         return _losses(uhat, u, weights)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):  # noqa: D102
+        _refuse_second_derivative()
         uhat, u, weights = ctx.saved_tensors
         k, batch = uhat.shape[0], uhat.shape[1]
-        grad_uhat = _empty_like(uhat)
-        grad_u = _empty_like(u)
+        grad_out = _ready(grad_out, u.dtype)  # often an expanded (stride 0) gradient
+        grad_uhat = _dense_like(uhat)
+        grad_u = _dense_like(u)
         _launch(
             "loss_grad",
             uhat.numel(),
             u.numel(),
-            _array(_cast(grad_out, u.dtype)),
-            _array(uhat, k),
-            _flat(u),
-            _array(weights),
+            u.dtype,
+            grad_out.data_ptr(),
+            uhat.data_ptr(),
+            u.data_ptr(),
+            weights.data_ptr(),
+            grad_uhat.data_ptr(),
+            grad_u.data_ptr(),
             batch,
-            grad_uhat.numpy().reshape(k, -1),
-            grad_u.numpy().reshape(-1),
+            k,
+            u.numel(),
         )
         return (
             grad_uhat if ctx.needs_input_grad[0] else None,
@@ -229,23 +273,36 @@ class NumbaDiffusionOps:
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.sample_marginals`."""
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
-        args = (u, _cast(signal, dtype), _cast(noise_scale, dtype), _cast(noise, dtype))
-        if not torch.is_grad_enabled():
-            return _sample(*args)
-        _refuse_grad("sample_marginals", signal=signal, noise_scale=noise_scale, noise=noise)
-        return _SampleMarginals.apply(*args) if u.requires_grad else _sample(*args)
+        k = noise.shape[0] if noise.dim() else -1
+        if noise.shape[1:] != u.shape or signal.shape != (k,) or noise_scale.shape != (k,):
+            _check_shapes("sample_marginals", False, u, signal, noise_scale, noise)
+        if torch.is_grad_enabled() and (
+            signal.requires_grad or noise_scale.requires_grad or noise.requires_grad
+        ):
+            _refuse_grad("sample_marginals", signal=signal, noise_scale=noise_scale, noise=noise)
+        args = (
+            _ready(u, dtype),
+            _ready(signal, dtype),
+            _ready(noise_scale, dtype),
+            _ready(noise, dtype),
+        )
+        if u.requires_grad and torch.is_grad_enabled():
+            return _SampleMarginals.apply(*args)
+        return _sample(*args)
 
     def denoising_losses(
         self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`."""
         dtype = _check_inputs("denoising_losses", u, uhat, weights)
-        args = (_cast(uhat, dtype), u, _cast(weights, dtype))
-        if not torch.is_grad_enabled():
-            return _losses(*args)
-        _refuse_grad("denoising_losses", weights=weights)
-        needs_grad = uhat.requires_grad or u.requires_grad
-        return _DenoisingLosses.apply(*args) if needs_grad else _losses(*args)
+        if uhat.dim() < 2 or uhat.shape[1:] != u.shape or weights.shape != uhat.shape[:1]:
+            _check_shapes("denoising_losses", False, uhat, u, weights)
+        if weights.requires_grad and torch.is_grad_enabled():
+            _refuse_grad("denoising_losses", weights=weights)
+        args = (_ready(uhat, dtype), _ready(u, dtype), _ready(weights, dtype))
+        if (uhat.requires_grad or u.requires_grad) and torch.is_grad_enabled():
+            return _DenoisingLosses.apply(*args)
+        return _losses(*args)
 
     def inference_update(
         self,
@@ -263,20 +320,21 @@ class NumbaDiffusionOps:
                 "the numba inference_update is not differentiable; call it under "
                 "torch.no_grad() (inference) or use diffusion_backend='torch'"
             )
-        out = _empty_like(z_prev)
-        args = [
-            _flat(_cast(uhat, dtype)),
-            _flat(z_prev),
-            _scalar(a, dtype),
-            _scalar(b, dtype),
-        ]
+        if uhat.shape != z_prev.shape or (noise is not None and noise.shape != z_prev.shape):
+            _check_shapes("inference_update", False, uhat, z_prev, noise)
+        uhat, z_prev = _ready(uhat, dtype), _ready(z_prev, dtype)
+        out = _dense_like(z_prev)
+        n = out.numel()
+        # The coefficients are 0-d tensors: passed by address, not as Python floats
+        # (``Tensor.item`` costs ~0.3 us each, the address ~0.06 us).
+        a, b = _coefficient(a, dtype), _coefficient(b, dtype)
+        head = (uhat.data_ptr(), z_prev.data_ptr(), a.data_ptr(), b.data_ptr())
         if noise is None:
-            _launch(
-                "update_deterministic", out.numel(), out.numel(), *args, out.numpy().reshape(-1)
-            )
+            _launch("update_deterministic", n, n, dtype, *head, out.data_ptr(), n)
         else:
-            args += [_scalar(noise_scale, dtype), _flat(_cast(noise, dtype))]
-            _launch("update", out.numel(), out.numel(), *args, out.numpy().reshape(-1))
+            noise, noise_scale = _ready(noise, dtype), _coefficient(noise_scale, dtype)
+            tail = (noise_scale.data_ptr(), noise.data_ptr(), out.data_ptr(), n)
+            _launch("update", n, n, dtype, *head, *tail)
         return out
 
 
