@@ -22,6 +22,8 @@ Examples::
     python benchmarks/reproduce_paper.py --dataset digits                 # CPU, minutes
     python benchmarks/reproduce_paper.py --dataset mnist --methods noprop_dt backprop \\
         --data-dir ../shared/data --epochs 10
+    python benchmarks/reproduce_paper.py --dataset mnist --methods noprop_dt backprop \\
+        --variant cpu --data-dir ../shared/data      # the CPU-sized configs, ~1 h on 2 cores
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ def markdown(rows: list[dict[str, Any]], dataset: str, args: argparse.Namespace)
         f"Test accuracy (%) on {dataset}, final weights, mean ± s.e. over "
         f"{len(args.seed_list)} seeds ({', '.join(map(str, args.seed_list))}); trained on the "
         f"{split}; NoProp-DT stochastic inference averaged over {args.dt_repeats} runs; "
-        f"NoProp-CT/FM integrated from noise in {args.steps} Euler steps.",
+        f"NoProp-CT/FM integrated from noise in {args.steps} Euler steps. Configs: "
+        f"{', '.join(row['config'] for row in rows)}.",
         "",
         "| method | epochs | ours | NoProp-DT deterministic | paper |",
         "|---|---|---|---|---|",
@@ -180,6 +183,8 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     plan = []
     for method in args.methods:
         name = METHODS[method][0].format(dataset=args.dataset)
+        if args.variant:
+            name = f"{name}_{args.variant}"
         if name not in configs:
             raise ConfigurationError(
                 f"no shipped config {name}.yaml for {method} on {args.dataset}: the shipped "
@@ -217,6 +222,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "dataset": args.dataset,
         "split": args.split,
+        "variant": args.variant,
         "seeds": args.seed_list,
         "dt_repeats": args.dt_repeats,
         "steps": args.steps,
@@ -243,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--split", choices=("full", "val"), default="full")
+    parser.add_argument(
+        "--variant",
+        help="use the shipped configs <method config>_<VARIANT>, e.g. 'cpu' for "
+        "noprop_mnist_cpu and backprop_mnist_cpu (the CPU-sized MNIST configs)",
+    )
     parser.add_argument("--epochs", type=int, help="override the configs' max_epochs")
     parser.add_argument("--dt-repeats", type=int, default=5, help="stochastic DT test runs")
     parser.add_argument("--steps", type=int, default=1000, help="CT/FM sampler steps")

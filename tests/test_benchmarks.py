@@ -82,6 +82,7 @@ def test_paper_protocol_on_digits_end_to_end(tmp_path):
     table = (tmp_path / "table1_digits.md").read_text()
     assert "| NoProp-DT one-hot | 1 |" in table and "± " in table
     assert "whole training split (val_size 0)" in table
+    assert "Configs: backprop_digits.yaml, noprop_digits.yaml" in table
 
 
 def test_paper_protocol_refuses_a_dataset_without_configs(tmp_path):
@@ -89,6 +90,11 @@ def test_paper_protocol_refuses_a_dataset_without_configs(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: no shipped config backprop_svhn")
+    cmd = [sys.executable, str(REPRODUCE), "--dataset", "mnist", "--variant", "tpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no shipped config backprop_mnist_tpu.yaml"), last
 
 
 def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
