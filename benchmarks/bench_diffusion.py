@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import time
@@ -33,7 +34,6 @@ import numba
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.benchmark import Timer
 
 from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
 from noprop_lightning.schedules import CosineSchedule, TorchDiffusionOps
@@ -86,6 +86,11 @@ def make_case(op: str, batch: int, steps: int, dim: int, backend, schedule: Cosi
 
 def time_case(run, min_run_time: float) -> list[float]:
     """Seconds per call of each timed block (a block averages many calls)."""
+    # torch.utils.benchmark imports cpp_extension, which warns on CPU-only machines that no
+    # CUDA runtime is found: irrelevant to a CPU benchmark, and noise in its output.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Timer
+
     run()  # compile (Numba) / warm up
     timer = Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
     return list(timer.blocked_autorange(min_run_time=min_run_time).times)

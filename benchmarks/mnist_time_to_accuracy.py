@@ -31,6 +31,7 @@ from rich.table import Table
 
 from noprop_lightning import NoPropModule
 from noprop_lightning.cli.build import build_from_config, training_callbacks
+from noprop_lightning.cli.output import lightning_warnings_only
 from noprop_lightning.errors import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,7 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
     args = parser.parse_args()
+    lightning_warnings_only()
 
     if args.threads:
         torch.set_num_threads(args.threads)

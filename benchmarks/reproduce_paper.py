@@ -42,6 +42,7 @@ import torch
 
 from noprop_lightning.cli import NoPropCLI
 from noprop_lightning.cli.build import build_from_config, training_callback_configs
+from noprop_lightning.cli.output import lightning_warnings_only
 from noprop_lightning.config_files import shipped_configs
 from noprop_lightning.errors import ConfigurationError, exit_status
 
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.seed_list = list(range(args.seeds))
+    lightning_warnings_only()
     args.extra = extra
     return exit_status(lambda: reproduce(args))
 

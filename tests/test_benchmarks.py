@@ -62,6 +62,9 @@ def test_paper_protocol_on_digits_end_to_end(tmp_path):
     cmd += ["--", "--trainer.limit_train_batches", "3", "--model.init_args.network.hidden", "16"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The script prints its own progress; Lightning's per-run info block is not repeated.
+    assert "Seed set to" not in done.stderr + done.stdout
+    assert "GPU available" not in done.stderr + done.stdout
     payload = json.loads((tmp_path / "table1_digits.json").read_text())
     assert payload["split"] == "full" and payload["seeds"] == [0, 1]
     rows = {row["method"]: row for row in payload["rows"]}

@@ -54,6 +54,17 @@ def resuming_into(folder: str | Path) -> None:
     warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
 
 
+def lightning_warnings_only() -> None:
+    """Show Lightning's warnings but not its info lines (seed, accelerators, tips).
+
+    For scripts that train many runs and print their own progress (the benchmarks): the same
+    "Seed set to 0 / GPU available: False" block before every run says nothing new. Call it
+    after importing Lightning, which sets its loggers' levels on import.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class _DropKnownLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
