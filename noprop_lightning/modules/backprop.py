@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_lightning.modules import guards
 from noprop_lightning.modules.base import ClassifierModule
+from noprop_lightning.modules.guards import SHAPE_NAMES, init_prototypes_from_data
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -102,7 +102,7 @@ class BackpropModule(ClassifierModule):
     """
 
     structural_hparams: ClassVar[tuple[str, ...]] = (
-        *guards.SHAPE_NAMES,
+        *SHAPE_NAMES,
         "architecture",
         "num_blocks",
         "embedding",
@@ -160,7 +160,7 @@ class BackpropModule(ClassifierModule):
 
     def setup(self, stage: str) -> None:
         """Initialise prototype embeddings (chained architecture) from training images."""
-        guards.init_prototypes_from_data(
+        init_prototypes_from_data(
             self._trainer, getattr(self.net, "embedding", None), getattr(self.net, "head", None)
         )
 

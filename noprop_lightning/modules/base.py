@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.modules import guards
+from noprop_lightning.modules.guards import (
+    SHAPE_NAMES,
+    check_batch_size,
+    check_datamodule_matches,
+    check_images,
+    check_labels,
+)
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -54,7 +60,7 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
     #: Hyper-parameters that fix the shapes of the parameters and the optimizer layout
     #: (dotted keys for nested settings). A checkpoint written with other values is refused
     #: with a :class:`~noprop_lightning.errors.CheckpointMismatchError`.
-    structural_hparams: ClassVar[tuple[str, ...]] = guards.SHAPE_NAMES
+    structural_hparams: ClassVar[tuple[str, ...]] = SHAPE_NAMES
     #: Hyper-parameters that choose how the model runs, not what it is: on ``--ckpt_path``
     #: the command line's values win over the checkpoint's.
     runtime_hparams: ClassVar[tuple[str, ...]] = ()
@@ -177,10 +183,10 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
         instead of one per batch).
         """
         x, y = batch
-        guards.check_images(x, self.in_channels, self.image_size)
-        guards.check_labels(y, self.num_classes, on_device=batch_idx == 0)
+        check_images(x, self.in_channels, self.image_size)
+        check_labels(y, self.num_classes, on_device=batch_idx == 0)
         if self.training and x.shape[0] == 1:
-            guards.check_batch_size(self, 1, f"the training batch at {self.step_name(batch_idx)}")
+            check_batch_size(self, 1, f"the training batch at {self.step_name(batch_idx)}")
         return x, y
 
     def step_name(self, batch_idx: int) -> str:
@@ -291,14 +297,14 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
     # ------------------------------------------------------------------ checks
     def shape_values(self) -> dict[str, int]:
         """``num_classes``, ``in_channels`` and ``image_size`` of the model."""
-        return {name: getattr(self, name) for name in guards.SHAPE_NAMES}
+        return {name: getattr(self, name) for name in SHAPE_NAMES}
 
     def on_fit_start(self) -> None:
         """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
-        guards.check_datamodule_matches(self._trainer, self.shape_values())
+        check_datamodule_matches(self._trainer, self.shape_values())
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if getattr(datamodule, "batch_size", None) == 1:
-            guards.check_batch_size(self, 1, "batch_size of the data module")
+            check_batch_size(self, 1, "batch_size of the data module")
         if self._run_seed is None:
             seed = self.default_seed()
             if self._trainer is not None and self.trainer.world_size > 1:
@@ -307,4 +313,4 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
 
     def on_test_start(self) -> None:
         """Refuse a data module whose classes or image shape differ from the model's."""
-        guards.check_datamodule_matches(self._trainer, self.shape_values())
+        check_datamodule_matches(self._trainer, self.shape_values())

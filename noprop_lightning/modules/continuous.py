@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from noprop_lightning.modules import guards
+from noprop_lightning.modules.guards import SHAPE_NAMES
 from noprop_lightning.modules.noprop_base import NoPropBase, trainable_parameters
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
@@ -55,7 +55,7 @@ class ContinuousNoPropModule(NoPropBase):
     """
 
     structural_hparams: ClassVar[tuple[str, ...]] = (
-        *guards.SHAPE_NAMES,
+        *SHAPE_NAMES,
         "embedding",
         "embed_dim",
         "network.encoder",

@@ -9,9 +9,15 @@ import torch
 from noprop_lightning.distributed import BlockLayout
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import ExecutionSettings, executor_for
-from noprop_lightning.modules import guards, parallel
 from noprop_lightning.modules.blockwise import BlockwiseModule
+from noprop_lightning.modules.guards import SHAPE_NAMES
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
+from noprop_lightning.modules.parallel import (
+    needs_single_backward,
+    refuse_gradient_scaler,
+    require_find_unused_parameters,
+    same_on_every_rank,
+)
 from noprop_lightning.nets import BlockNetwork, ClassifierHead, LabelEmbedding, build_blocks
 from noprop_lightning.nets.embeddings import EmbeddingKind
 from noprop_lightning.objectives import BlockStreams, DTBatch, DTObjective, DTSettings
@@ -62,7 +68,7 @@ class NoPropModule(BlockwiseModule):
     """
 
     structural_hparams: ClassVar[tuple[str, ...]] = (
-        *guards.SHAPE_NAMES,
+        *SHAPE_NAMES,
         "num_blocks",
         "embedding",
         "embed_dim",
@@ -221,7 +227,7 @@ class NoPropModule(BlockwiseModule):
         if self.block_order == "all":
             return list(self.layout.blocks)
         # Under DDP every process must step the same block, or the weights drift apart.
-        return [parallel.same_on_every_rank(self._trainer, int(torch.randint(self.num_blocks, ())))]
+        return [same_on_every_rank(self._trainer, int(torch.randint(self.num_blocks, ())))]
 
     def block_backward(self, loss: torch.Tensor) -> None:
         """Back-propagate one block loss.
@@ -249,7 +255,7 @@ class NoPropModule(BlockwiseModule):
         step = DTBatch(x, y, block_noise, shared_grad_scale=scale, streams=streams)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
-        one_backward = parallel.needs_single_backward(self._trainer)
+        one_backward = needs_single_backward(self._trainer)
         head = {}
         if self.layout.head_loss:
             head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
@@ -286,8 +292,8 @@ class NoPropModule(BlockwiseModule):
     def on_fit_start(self) -> None:
         """Refuse a gradient scaler when block losses are back-propagated in worker threads."""
         super().on_fit_start()
-        if self.executor.concurrent_backward and not parallel.needs_single_backward(self._trainer):
-            parallel.refuse_gradient_scaler(
+        if self.executor.concurrent_backward and not needs_single_backward(self._trainer):
+            refuse_gradient_scaler(
                 self._trainer,
                 f"execution mode {self.executor.name!r} back-propagates block losses in worker "
                 "threads",
@@ -297,7 +303,7 @@ class NoPropModule(BlockwiseModule):
         """Refuse ``block_order="random"`` under DDP without unused-parameter detection."""
         super().on_train_start()
         if self.block_order == "random":
-            parallel.require_find_unused_parameters(
+            require_find_unused_parameters(
                 self._trainer, "block_order='random' updates one block per step"
             )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from noprop_lightning.modules import guards
 from noprop_lightning.modules.base import ClassifierModule
+from noprop_lightning.modules.guards import init_prototypes_from_data
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding
 
 
@@ -32,7 +32,7 @@ class NoPropBase(ClassifierModule):
         """Initialise prototype embeddings (and the head that reads them) from training images."""
         head = getattr(self.objective, "head", None)
         reader = head if isinstance(head, ClassifierHead) else None
-        guards.init_prototypes_from_data(self._trainer, self.embedding, reader)
+        init_prototypes_from_data(self._trainer, self.embedding, reader)
 
 
 def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:

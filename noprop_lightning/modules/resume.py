@@ -16,7 +16,7 @@ from noprop_lightning.callbacks.checkpoint import (
     check_full_training_state,
 )
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
-from noprop_lightning.modules import guards
+from noprop_lightning.modules.guards import check_finite_losses as _check_finite_losses
 
 #: Checkpoint key of the run's seed.
 RUN_SEED_KEY = "noprop_run_seed"
@@ -168,7 +168,7 @@ class ResumeHooks:
         written on the stop are those before the batch.
         """
         try:
-            guards.check_finite_losses(self._trainer, losses, self.step_name(batch_idx))
+            _check_finite_losses(self._trainer, losses, self.step_name(batch_idx))
         except TrainingDivergedError:
             with torch.no_grad():
                 for buffer, saved in self._stats_before or []:
