@@ -42,6 +42,7 @@ for both block sizes. Results: a rich table and ``benchmarks/results/bench_train
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -70,16 +71,30 @@ MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------- models and data
+#: ``--optimizers``: how the paper's AdamW (lr 1e-3, weight decay 1e-3) steps.
+OPTIMIZERS = {
+    "default": None,  # the package's paper_adamw: fused on CPU and CUDA
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "forloop": {"foreach": False},  # torch's own default on CPU
+}
+
+
 def build_module(method: str, size: str, num_blocks: int, options: dict[str, Any]):
     """The paper's blocks (channels 32/64/128, hidden 256, dropout 0.2), one-hot labels."""
     channels, image_size = SIZES[size]
-    common = {
+    common: dict[str, Any] = {
         "num_classes": 10,
         "in_channels": channels,
         "image_size": image_size,
         "num_blocks": num_blocks,
         "embedding": "onehot",
     }
+    step_options = OPTIMIZERS[options.get("optimizer") or "default"]
+    if step_options is not None:
+        common["optimizer"] = functools.partial(
+            torch.optim.AdamW, lr=1e-3, weight_decay=1e-3, **step_options
+        )
     if method == "backprop":
         return BackpropModule(architecture="chained", **common)
     execution: dict[str, Any] = {
@@ -403,11 +418,17 @@ def configs_for(args: argparse.Namespace) -> list[dict[str, Any]]:
         "backend": args.backend,
     }
     return [
-        {"size": size, "T": T, "method": method, "options": {**options, "layout": layout}}
+        {
+            "size": size,
+            "T": T,
+            "method": method,
+            "options": {**options, "layout": layout, "optimizer": optimizer},
+        }
         for size in args.sizes
         for T in args.T
         for method in args.methods
         for layout in args.layouts
+        for optimizer in args.optimizers
     ]
 
 
@@ -420,6 +441,8 @@ def label(config: dict[str, Any]) -> str:
         method += f"(k={opts['chunk']})"
     if opts.get("layout") == "channels_last":
         method += " +cl"
+    if opts.get("optimizer", "default") != "default":
+        method += f" [{opts['optimizer']} AdamW]"
     return method
 
 
@@ -458,13 +481,16 @@ def print_table(result: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("size", "method") else "right")
     rows = result["rows"]
     for row in rows:
+        same_run = [
+            r
+            for r in rows
+            if r["method"] == "backprop" and r["size"] == row["size"] and r["T"] == row["T"]
+        ]
+        # Prefer the backprop row with the same optimizer step (fused vs for-loop AdamW).
+        optimizer = row["options"].get("optimizer")
         bp = next(
-            (
-                r
-                for r in rows
-                if r["method"] == "backprop" and r["size"] == row["size"] and r["T"] == row["T"]
-            ),
-            {},
+            (r for r in same_run if r["options"].get("optimizer") == optimizer),
+            same_run[0] if same_run else {},
         )
         speed = row.get("samples_per_s")
         cells = [row["size"], str(row["T"]), row["label"]]
@@ -594,6 +620,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=["contiguous"],
         choices=["contiguous", "channels_last"],
         help="weight layouts to time (channels_last: the ChannelsLast callback)",
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["default"],
+        choices=list(OPTIMIZERS),
+        help="AdamW steps to time: default (the package's: fused on CPU/CUDA), fused, "
+        "foreach, forloop (torch's CPU default)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--torch-threads", type=int, default=torch.get_num_threads())

@@ -109,10 +109,18 @@ def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
     out = tmp_path / "bench.json"
     result = bench_training.main(
         ["--T", "2", "--methods", "backprop", "sequential", "--no-memory", "--batch", "8",
-         "--steps", "1", "--torch-threads", "1", "--out", str(out)]
+         "--steps", "1", "--torch-threads", "1", "--optimizers", "default", "forloop",
+         "--out", str(out)]
     )  # fmt: skip
     assert result["matmul_ceiling_gflops"] > 0
-    rows = {row["method"]: row for row in result["rows"]}
+    labels = [row["label"] for row in result["rows"]]
+    assert labels == [
+        "backprop",
+        "backprop [forloop AdamW]",
+        "sequential",
+        "sequential [forloop AdamW]",
+    ]
+    rows = {row["label"]: row for row in result["rows"]}
     # FLOPs of the paper's MNIST DT block (conv 32/64/128, hidden 256), forward + backward:
     # about 121 MFLOP per sample and block; the backward of the first convolution w.r.t. the
     # images is not needed, nor is it counted.
