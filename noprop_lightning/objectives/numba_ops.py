@@ -272,6 +272,35 @@ class NumbaDiffusionOps:
         noise: torch.Tensor,
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.sample_marginals`."""
+        dtype = u.dtype
+        needs_grad = torch.is_grad_enabled() and (
+            u.requires_grad
+            or signal.requires_grad
+            or noise_scale.requires_grad
+            or noise.requires_grad
+        )
+        if (
+            # The common case (one-hot labels; inference): contiguous CPU tensors of one
+            # kernel dtype, nothing that needs a gradient; tested inline (a helper call
+            # would cost a tenth of the operation).
+            not needs_grad
+            and dtype in _NUMBA_DTYPES
+            and noise.dtype is dtype
+            and signal.dtype is dtype
+            and noise_scale.dtype is dtype
+            and u.is_cpu
+            and noise.is_cpu
+            and signal.is_cpu
+            and noise_scale.is_cpu
+            and u.is_contiguous()
+            and noise.is_contiguous()
+            and signal.is_contiguous()
+            and noise_scale.is_contiguous()
+            and noise.dim() >= 1
+            and noise.shape[1:] == u.shape
+            and signal.shape == noise_scale.shape == noise.shape[:1]
+        ):
+            return _sample(u, signal, noise_scale, noise)
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
         k = noise.shape[0] if noise.dim() else -1
         if noise.shape[1:] != u.shape or signal.shape != (k,) or noise_scale.shape != (k,):
@@ -314,6 +343,50 @@ class NumbaDiffusionOps:
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.inference_update` (no grad)."""
+        dtype = z_prev.dtype
+        if (
+            # The stochastic chain of inference: contiguous CPU tensors of one kernel dtype
+            # and one-element coefficients, under no_grad; tested inline.
+            noise is not None
+            and not torch.is_grad_enabled()
+            and dtype in _NUMBA_DTYPES
+            and isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and isinstance(noise_scale, torch.Tensor)
+            and uhat.dtype is dtype
+            and noise.dtype is dtype
+            and a.dtype is dtype
+            and b.dtype is dtype
+            and noise_scale.dtype is dtype
+            and z_prev.is_cpu
+            and uhat.is_cpu
+            and noise.is_cpu
+            and a.is_cpu
+            and b.is_cpu
+            and noise_scale.is_cpu
+            and z_prev.is_contiguous()
+            and uhat.is_contiguous()
+            and noise.is_contiguous()
+            and uhat.shape == z_prev.shape == noise.shape
+            and a.numel() == b.numel() == noise_scale.numel() == 1
+        ):
+            out = _dense_like(z_prev)
+            n = out.numel()
+            _launch(
+                "update",
+                n,
+                n,
+                z_prev.dtype,
+                uhat.data_ptr(),
+                z_prev.data_ptr(),
+                a.data_ptr(),
+                b.data_ptr(),
+                noise_scale.data_ptr(),
+                noise.data_ptr(),
+                out.data_ptr(),
+                n,
+            )
+            return out
         dtype = _check_inputs("inference_update", z_prev, uhat, noise)
         if torch.is_grad_enabled() and (uhat.requires_grad or z_prev.requires_grad):
             raise ConfigurationError(
