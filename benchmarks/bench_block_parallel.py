@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noprop_lightning import NoPropModule  # noqa: E402
 from noprop_lightning.callbacks import ProcessPeakRSS  # noqa: E402
+from noprop_lightning.cli.output import lightning_warnings_only  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_block_parallel.json"
 CONFIGS = {
@@ -221,6 +222,7 @@ def main() -> None:
     parser.add_argument("--config", help="internal: run one configuration as a worker")
     parser.add_argument("--worker-out", help="internal")
     args = parser.parse_args()
+    lightning_warnings_only()
     if args.config:
         worker(args)
         return

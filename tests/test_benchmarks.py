@@ -116,9 +116,9 @@ def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
     labels = [row["label"] for row in result["rows"]]
     assert labels == [
         "backprop",
-        "backprop [forloop AdamW]",
+        "backprop (forloop AdamW)",
         "sequential",
-        "sequential [forloop AdamW]",
+        "sequential (forloop AdamW)",
     ]
     rows = {row["label"]: row for row in result["rows"]}
     # FLOPs of the paper's MNIST DT block (conv 32/64/128, hidden 256), forward + backward:

@@ -273,17 +273,19 @@ class NumbaDiffusionOps:
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.sample_marginals`."""
         dtype = u.dtype
-        needs_grad = torch.is_grad_enabled() and (
-            u.requires_grad
-            or signal.requires_grad
-            or noise_scale.requires_grad
-            or noise.requires_grad
-        )
         if (
             # The common case (one-hot labels; inference): contiguous CPU tensors of one
             # kernel dtype, nothing that needs a gradient; tested inline (a helper call
             # would cost a tenth of the operation).
-            not needs_grad
+            not (
+                torch.is_grad_enabled()
+                and (
+                    u.requires_grad
+                    or signal.requires_grad
+                    or noise_scale.requires_grad
+                    or noise.requires_grad
+                )
+            )
             and dtype in _NUMBA_DTYPES
             and noise.dtype is dtype
             and signal.dtype is dtype
@@ -300,7 +302,22 @@ class NumbaDiffusionOps:
             and noise.shape[1:] == u.shape
             and signal.shape == noise_scale.shape == noise.shape[:1]
         ):
-            return _sample(u, signal, noise_scale, noise)
+            out = torch.empty_like(noise)
+            n = u.numel()
+            _launch(
+                "sample",
+                out.numel(),
+                n,
+                dtype,
+                u.data_ptr(),
+                signal.data_ptr(),
+                noise_scale.data_ptr(),
+                noise.data_ptr(),
+                out.data_ptr(),
+                noise.shape[0],
+                n,
+            )
+            return out
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
         k = noise.shape[0] if noise.dim() else -1
         if noise.shape[1:] != u.shape or signal.shape != (k,) or noise_scale.shape != (k,):
