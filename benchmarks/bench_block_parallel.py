@@ -222,7 +222,6 @@ def main() -> None:
     parser.add_argument("--config", help="internal: run one configuration as a worker")
     parser.add_argument("--worker-out", help="internal")
     args = parser.parse_args()
-    lightning_warnings_only()
     if args.config:
         worker(args)
         return
@@ -301,4 +300,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    lightning_warnings_only()  # a run of the script, not main() called in-process
     main()

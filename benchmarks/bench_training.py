@@ -659,7 +659,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--_memory-worker", dest="memory_worker", default=None, help="internal")
     args = parser.parse_args(argv)
-    lightning_warnings_only()
     torch.set_num_threads(args.torch_threads)
     if args.full:
         args.sizes, args.rounds, args.steps = list(SIZES), max(args.rounds, 2), max(args.steps, 3)
@@ -768,4 +767,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    lightning_warnings_only()  # a run of the script, not main() called in-process
     main()

@@ -152,7 +152,6 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
     args = parser.parse_args()
-    lightning_warnings_only()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,4 +244,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    lightning_warnings_only()  # a run of the script, not main() called in-process
     sys.exit(exit_status(main))  # missing data, bad config values: one paragraph, status 2

@@ -277,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.seed_list = list(range(args.seeds))
-    lightning_warnings_only()
     args.extra = extra
     return exit_status(lambda: reproduce(args))
 
 
 if __name__ == "__main__":
+    lightning_warnings_only()  # a run of the script, not main() called in-process
     sys.exit(main())

@@ -389,7 +389,9 @@ def test_configs_carry_paper_settings_and_build(method, dataset):
     cls = {"ct": NoPropCTModule, "fm": NoPropFMModule}[method]
     assert model["class_path"] == f"noprop_lightning.{cls.__name__}"
     opt = model["init_args"]["optimizer"]
-    assert opt["class_path"] == "torch.optim.Adam" and opt["init_args"] == {"lr": 0.001}
+    # The paper's Adam at lr 1e-3, stepped by torch's fused kernel (its CPU default is slower).
+    assert opt["class_path"] == "torch.optim.Adam"
+    assert opt["init_args"] == {"lr": 0.001, "fused": True}
     assert config["data"]["init_args"]["batch_size"] == 128
     assert config["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/acc"
     epochs = {"mnist": 100, "cifar10": 500, "cifar100": 1000}

@@ -23,8 +23,7 @@ import torch
 from noprop_lightning import NoPropModule
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution import build_executor
-from noprop_lightning.objectives import DTBatch, build_diffusion_ops
-from noprop_lightning.objectives import numba_ops as ops_module
+from noprop_lightning.objectives import DTBatch, build_diffusion_ops, numba_calls
 from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
 from noprop_lightning.schedules import CosineSchedule, TorchDiffusionOps
 from tests.helpers import TINY, tiny_batch, tiny_network
@@ -47,20 +46,20 @@ def kernel_variant(request, monkeypatch):
     """Force the serial or the ``parallel=True`` kernels whatever the tensor size.
 
     The parallel kernels run only with at least two Numba threads, and split each row into
-    several slices; ``_SLICE_ELEMENTS`` is lowered so that even small test tensors are
+    several slices; ``SLICE_ELEMENTS`` is lowered so that even small test tensors are
     split, which exercises the slice boundaries.
     """
     if request.param == "parallel":
         if numba.config.NUMBA_NUM_THREADS < 2:
             pytest.skip("the parallel kernels need at least 2 Numba threads")
-        monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(ops_module, "_SLICE_ELEMENTS", 7)
+        monkeypatch.setattr(numba_calls, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(numba_calls, "SLICE_ELEMENTS", 7)
         threads = numba.get_num_threads()
         numba.set_num_threads(2)
         yield request.param
         numba.set_num_threads(threads)
     else:
-        monkeypatch.setattr(ops_module, "PARALLEL_MIN_ELEMENTS", 1 << 60)
+        monkeypatch.setattr(numba_calls, "PARALLEL_MIN_ELEMENTS", 1 << 60)
         yield request.param
 
 
@@ -221,7 +220,8 @@ def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
     script = textwrap.dedent(
         """
         import numba, torch
-        from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps, PARALLEL_MIN_ELEMENTS
+        from noprop_lightning.objectives.numba_calls import PARALLEL_MIN_ELEMENTS
+        from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
         ops = NumbaDiffusionOps()
         u = torch.randn(4096, 10, requires_grad=True)
         noise = torch.randn(10, 4096, 10)
@@ -251,7 +251,7 @@ def test_module_with_numba_never_calls_the_torch_ops():
         mock.patch.object(TorchDiffusionOps, "sample_marginals", refuse),
         mock.patch.object(TorchDiffusionOps, "denoising_losses", refuse),
         mock.patch.object(TorchDiffusionOps, "inference_update", refuse),
-        mock.patch.object(ops_module, "_launch", wraps=ops_module._launch) as launch,
+        mock.patch.object(numba_calls, "launch", wraps=numba_calls.launch) as launch,
     ):
         batch = DTBatch(x, y, noise, shared_grad_scale=1 / 3)
         module.executor.run(

@@ -59,7 +59,8 @@ def lightning_warnings_only() -> None:
 
     For scripts that train many runs and print their own progress (the benchmarks): the same
     "Seed set to 0 / GPU available: False" block before every run says nothing new. Call it
-    after importing Lightning, which sets its loggers' levels on import.
+    after importing Lightning, which sets its loggers' levels on import, and only where the
+    process is the script's own (``if __name__ == "__main__":``): the levels stay changed.
     """
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)

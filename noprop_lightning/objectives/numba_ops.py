@@ -6,95 +6,23 @@ operations of :class:`~noprop_lightning.schedules.DiffusionOps` with the same nu
 torch reference :class:`~noprop_lightning.schedules.TorchDiffusionOps`: each operation is one
 fused kernel over the whole ``(k, B, d)`` tensor (one pass over memory instead of one per
 torch operator, and no temporaries). The ``parallel=True`` variant runs from
-:data:`PARALLEL_MIN_ELEMENTS` elements on when Numba has more than one thread; smaller
-tensors use a serial variant of the same kernel, where starting threads would cost more than
-it saves. The two differentiable operations are :class:`torch.autograd.Function` s whose
-backward is the analytic gradient, also computed by a Numba kernel, so autograd sees the
-gradients of the torch composition. The backend is CPU-only: given a tensor on any other
-device it raises :class:`~noprop_lightning.errors.ConfigurationError`; it never falls back
-to torch.
+:data:`~noprop_lightning.objectives.numba_calls.PARALLEL_MIN_ELEMENTS` elements on when Numba
+has more than one thread; smaller tensors use a serial variant of the same kernel, where
+starting threads would cost more than it saves. The two differentiable operations are
+:class:`torch.autograd.Function` s whose backward is the analytic gradient, also computed by
+a Numba kernel, so autograd sees the gradients of the torch composition. The backend is
+CPU-only: given a tensor on any other device it raises
+:class:`~noprop_lightning.errors.ConfigurationError`; it never falls back to torch. How the
+kernels are called (addresses, checks, the autograd functions) is in
+:mod:`~noprop_lightning.objectives.numba_calls`.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
-import numba
 import torch
 
+import noprop_lightning.objectives.numba_calls as calls
 from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.objectives.numba_kernels import KERNELS
-
-#: Tensors with at least this many elements use the ``parallel=True`` Numba kernels.
-PARALLEL_MIN_ELEMENTS = 1 << 15
-
-
-# Numba's ``workqueue`` threading layer must not be entered by two threads at once (the
-# threaded executor calls these ops from worker threads), so parallel launches are serialised.
-# The kernels are short, and each one is itself multi-threaded.
-_PARALLEL_LAUNCH = threading.Lock()
-
-_NUMBA_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-
-
-_KERNELS_BY_DTYPE = {
-    dtype: {name: variants[dtype_name] for name, variants in KERNELS.items()}
-    for dtype, dtype_name in _NUMBA_DTYPES.items()
-}
-
-#: Elements per parallel slice: enough work per task to amortise its scheduling.
-_SLICE_ELEMENTS = 1 << 14
-
-
-def _launch(name: str, numel: int, row: int, dtype: torch.dtype, *args: Any) -> None:
-    """Run kernel ``name`` for ``dtype``; ``row`` is the length of the rows the kernel slices.
-
-    ``args`` are the kernel's arguments but the last (the number of slices, chosen here):
-    tensor addresses, sizes and scalars.
-    """
-    parallel, serial = _KERNELS_BY_DTYPE[dtype][name]
-    threads = numba.get_num_threads() if numel >= PARALLEL_MIN_ELEMENTS else 1
-    if threads > 1:
-        parts = max(1, min(row // _SLICE_ELEMENTS, 4 * threads))
-        with _PARALLEL_LAUNCH:
-            parallel(*args, parts)
-    else:
-        serial(*args, 1)
-
-
-def _ready(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` as a contiguous tensor of ``dtype`` (copied only when it is not one).
-
-    The kernels read raw addresses, so this is what makes them safe: whatever the caller's
-    strides (an expanded gradient, a transposed view), the kernel sees dense memory. The
-    result must stay referenced until the kernel returns.
-    """
-    if tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return tensor
-
-
-def _coefficient(value: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """A one-element tensor of ``dtype`` holding ``value`` (a 0-d tensor or a number)."""
-    if not isinstance(value, torch.Tensor):
-        return torch.tensor(float(value), dtype=dtype)
-    if value.numel() != 1 or not value.is_cpu:
-        raise ValueError(
-            f"the numba inference_update takes one-element CPU coefficients, got shape "
-            f"{tuple(value.shape)} on {value.device}"
-        )
-    return _ready(value, dtype)
-
-
-def _dense_like(tensor: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like the contiguous ``tensor``.
-
-    ``empty_like`` keeps dense strides and is twice as fast as ``torch.empty(shape, dtype=)``.
-    """
-    return torch.empty_like(tensor)
 
 
 def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
@@ -107,141 +35,13 @@ def _check_inputs(op: str, *tensors: torch.Tensor | None) -> torch.dtype:
                 f"accelerators"
             )
     dtype = tensors[0].dtype
-    if dtype not in _NUMBA_DTYPES:
+    if dtype not in calls.NUMBA_DTYPES:
         raise ConfigurationError(
             f"diffusion_backend='numba' computes in float32 or float64, but {op} got {dtype} "
             f"label embeddings; use precision '32-true' / 'bf16-mixed' (embeddings stay float32) "
             f"or diffusion_backend='torch'"
         )
     return dtype
-
-
-def _check_shapes(op: str, ok: bool, *tensors: torch.Tensor | None) -> None:
-    """Refuse shapes the kernels do not take: they index raw memory, so this is not optional.
-
-    Callers test the shapes inline (the common case costs no call) and call this to raise.
-    """
-    if not ok:
-        shapes = ", ".join(str(tuple(t.shape)) for t in tensors if t is not None)
-        raise ValueError(f"the numba {op} got tensors of incompatible shapes: {shapes}")
-
-
-def _sample(u, signal, noise_scale, noise) -> torch.Tensor:
-    """Inputs already :func:`_ready` in one dtype."""
-    k = noise.shape[0]
-    out = _dense_like(noise)
-    _launch(
-        "sample",
-        out.numel(),
-        u.numel(),
-        u.dtype,
-        u.data_ptr(),
-        signal.data_ptr(),
-        noise_scale.data_ptr(),
-        noise.data_ptr(),
-        out.data_ptr(),
-        k,
-        u.numel(),
-    )
-    return out
-
-
-def _losses(uhat, u, weights) -> torch.Tensor:
-    """Inputs already :func:`_ready` in one dtype."""
-    k, batch = uhat.shape[0], uhat.shape[1]
-    out = _dense_like(weights)
-    _launch(
-        "loss",
-        uhat.numel(),
-        u.numel(),
-        u.dtype,
-        uhat.data_ptr(),
-        u.data_ptr(),
-        weights.data_ptr(),
-        out.data_ptr(),
-        batch,
-        k,
-        u.numel(),
-    )
-    return out
-
-
-def _refuse_second_derivative() -> None:
-    """Raise if a backward pass asks for a graph of the gradients (``create_graph=True``).
-
-    The backward kernels compute numbers, not a differentiable graph. This check replaces
-    :func:`torch.autograd.function.once_differentiable`, which costs ~4 us per backward (a
-    quarter of the whole sampling op at the paper's batch) to defer the same error.
-    """
-    if torch.is_grad_enabled():
-        raise ConfigurationError(
-            "diffusion_backend='numba' has first derivatives only: a backward pass with "
-            "create_graph=True (higher-order gradients) needs diffusion_backend='torch'"
-        )
-
-
-class _SampleMarginals(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, signal, noise_scale, noise):  # noqa: D102
-        ctx.save_for_backward(signal, u)  # u only for the gradient's shape and dtype
-        return _sample(u, signal, noise_scale, noise)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        _refuse_second_derivative()
-        signal, u = ctx.saved_tensors
-        grad = _ready(grad, signal.dtype)
-        k = grad.shape[0]
-        grad_u = _dense_like(u)
-        n = grad_u.numel()
-        _launch(
-            "sample_grad",
-            grad.numel(),
-            n,
-            grad.dtype,
-            grad.data_ptr(),
-            signal.data_ptr(),
-            grad_u.data_ptr(),
-            k,
-            n,
-        )
-        return grad_u, None, None, None
-
-
-class _DenoisingLosses(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, uhat, u, weights):  # noqa: D102
-        ctx.save_for_backward(uhat, u, weights)
-        return _losses(uhat, u, weights)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        _refuse_second_derivative()
-        uhat, u, weights = ctx.saved_tensors
-        k, batch = uhat.shape[0], uhat.shape[1]
-        grad_out = _ready(grad_out, u.dtype)  # often an expanded (stride 0) gradient
-        grad_uhat = _dense_like(uhat)
-        grad_u = _dense_like(u)
-        _launch(
-            "loss_grad",
-            uhat.numel(),
-            u.numel(),
-            u.dtype,
-            grad_out.data_ptr(),
-            uhat.data_ptr(),
-            u.data_ptr(),
-            weights.data_ptr(),
-            grad_uhat.data_ptr(),
-            grad_u.data_ptr(),
-            batch,
-            k,
-            u.numel(),
-        )
-        return (
-            grad_uhat if ctx.needs_input_grad[0] else None,
-            grad_u if ctx.needs_input_grad[1] else None,
-            None,
-        )
 
 
 class NumbaDiffusionOps:
@@ -286,7 +86,7 @@ class NumbaDiffusionOps:
                     or noise.requires_grad
                 )
             )
-            and dtype in _NUMBA_DTYPES
+            and dtype in calls.NUMBA_DTYPES
             and noise.dtype is dtype
             and signal.dtype is dtype
             and noise_scale.dtype is dtype
@@ -304,7 +104,7 @@ class NumbaDiffusionOps:
         ):
             out = torch.empty_like(noise)
             n = u.numel()
-            _launch(
+            calls.launch(
                 "sample",
                 out.numel(),
                 n,
@@ -321,20 +121,20 @@ class NumbaDiffusionOps:
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
         k = noise.shape[0] if noise.dim() else -1
         if noise.shape[1:] != u.shape or signal.shape != (k,) or noise_scale.shape != (k,):
-            _check_shapes("sample_marginals", False, u, signal, noise_scale, noise)
+            calls.check_shapes("sample_marginals", False, u, signal, noise_scale, noise)
         if torch.is_grad_enabled() and (
             signal.requires_grad or noise_scale.requires_grad or noise.requires_grad
         ):
             _refuse_grad("sample_marginals", signal=signal, noise_scale=noise_scale, noise=noise)
         args = (
-            _ready(u, dtype),
-            _ready(signal, dtype),
-            _ready(noise_scale, dtype),
-            _ready(noise, dtype),
+            calls.ready(u, dtype),
+            calls.ready(signal, dtype),
+            calls.ready(noise_scale, dtype),
+            calls.ready(noise, dtype),
         )
         if u.requires_grad and torch.is_grad_enabled():
-            return _SampleMarginals.apply(*args)
-        return _sample(*args)
+            return calls.SampleMarginals.apply(*args)
+        return calls.sample(*args)
 
     def denoising_losses(
         self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
@@ -342,13 +142,13 @@ class NumbaDiffusionOps:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`."""
         dtype = _check_inputs("denoising_losses", u, uhat, weights)
         if uhat.dim() < 2 or uhat.shape[1:] != u.shape or weights.shape != uhat.shape[:1]:
-            _check_shapes("denoising_losses", False, uhat, u, weights)
+            calls.check_shapes("denoising_losses", False, uhat, u, weights)
         if weights.requires_grad and torch.is_grad_enabled():
             _refuse_grad("denoising_losses", weights=weights)
-        args = (_ready(uhat, dtype), _ready(u, dtype), _ready(weights, dtype))
+        args = (calls.ready(uhat, dtype), calls.ready(u, dtype), calls.ready(weights, dtype))
         if (uhat.requires_grad or u.requires_grad) and torch.is_grad_enabled():
-            return _DenoisingLosses.apply(*args)
-        return _losses(*args)
+            return calls.DenoisingLosses.apply(*args)
+        return calls.losses(*args)
 
     def inference_update(
         self,
@@ -366,7 +166,7 @@ class NumbaDiffusionOps:
             # and one-element coefficients, under no_grad; tested inline.
             noise is not None
             and not torch.is_grad_enabled()
-            and dtype in _NUMBA_DTYPES
+            and dtype in calls.NUMBA_DTYPES
             and isinstance(a, torch.Tensor)
             and isinstance(b, torch.Tensor)
             and isinstance(noise_scale, torch.Tensor)
@@ -387,9 +187,9 @@ class NumbaDiffusionOps:
             and uhat.shape == z_prev.shape == noise.shape
             and a.numel() == b.numel() == noise_scale.numel() == 1
         ):
-            out = _dense_like(z_prev)
+            out = calls.dense_like(z_prev)
             n = out.numel()
-            _launch(
+            calls.launch(
                 "update",
                 n,
                 n,
@@ -411,20 +211,20 @@ class NumbaDiffusionOps:
                 "torch.no_grad() (inference) or use diffusion_backend='torch'"
             )
         if uhat.shape != z_prev.shape or (noise is not None and noise.shape != z_prev.shape):
-            _check_shapes("inference_update", False, uhat, z_prev, noise)
-        uhat, z_prev = _ready(uhat, dtype), _ready(z_prev, dtype)
-        out = _dense_like(z_prev)
+            calls.check_shapes("inference_update", False, uhat, z_prev, noise)
+        uhat, z_prev = calls.ready(uhat, dtype), calls.ready(z_prev, dtype)
+        out = calls.dense_like(z_prev)
         n = out.numel()
         # The coefficients are 0-d tensors: passed by address, not as Python floats
         # (``Tensor.item`` costs ~0.3 us each, the address ~0.06 us).
-        a, b = _coefficient(a, dtype), _coefficient(b, dtype)
+        a, b = calls.coefficient(a, dtype), calls.coefficient(b, dtype)
         head = (uhat.data_ptr(), z_prev.data_ptr(), a.data_ptr(), b.data_ptr())
         if noise is None:
-            _launch("update_deterministic", n, n, dtype, *head, out.data_ptr(), n)
+            calls.launch("update_deterministic", n, n, dtype, *head, out.data_ptr(), n)
         else:
-            noise, noise_scale = _ready(noise, dtype), _coefficient(noise_scale, dtype)
+            noise, noise_scale = calls.ready(noise, dtype), calls.coefficient(noise_scale, dtype)
             tail = (noise_scale.data_ptr(), noise.data_ptr(), out.data_ptr(), n)
-            _launch("update", n, n, dtype, *head, *tail)
+            calls.launch("update", n, n, dtype, *head, *tail)
         return out
 
 
