@@ -4,7 +4,7 @@ The machinery under :class:`~noprop_lightning.objectives.numba_ops.NumbaDiffusio
 (imported, with :mod:`numba`, only through it). The kernels
 (:mod:`~noprop_lightning.objectives.numba_kernels`) read raw addresses, so everything handed
 to :func:`launch` must be a live, contiguous CPU tensor of the kernel's dtype with the sizes
-given: :func:`ready` makes a tensor so, :func:`check_shapes` refuses the rest.
+given: :func:`ready` makes a tensor so, :func:`shape_error` refuses the rest.
 """
 
 from __future__ import annotations
@@ -89,14 +89,13 @@ def dense_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor)
 
 
-def check_shapes(op: str, ok: bool, *tensors: torch.Tensor | None) -> None:
-    """Refuse shapes the kernels do not take: they index raw memory, so this is not optional.
+def shape_error(op: str, *tensors: torch.Tensor | None) -> ValueError:
+    """The error for shapes the kernels do not take (they index raw memory: never skipped).
 
-    Callers test the shapes inline (the common case costs no call) and call this to raise.
+    Callers test the shapes inline (the common case costs no call) and raise this.
     """
-    if not ok:
-        shapes = ", ".join(str(tuple(t.shape)) for t in tensors if t is not None)
-        raise ValueError(f"the numba {op} got tensors of incompatible shapes: {shapes}")
+    shapes = ", ".join(str(tuple(t.shape)) for t in tensors if t is not None)
+    return ValueError(f"the numba {op} got tensors of incompatible shapes: {shapes}")
 
 
 def sample(u, signal, noise_scale, noise) -> torch.Tensor:

@@ -102,26 +102,11 @@ class NumbaDiffusionOps:
             and noise.shape[1:] == u.shape
             and signal.shape == noise_scale.shape == noise.shape[:1]
         ):
-            out = torch.empty_like(noise)
-            n = u.numel()
-            calls.launch(
-                "sample",
-                out.numel(),
-                n,
-                dtype,
-                u.data_ptr(),
-                signal.data_ptr(),
-                noise_scale.data_ptr(),
-                noise.data_ptr(),
-                out.data_ptr(),
-                noise.shape[0],
-                n,
-            )
-            return out
+            return calls.sample(u, signal, noise_scale, noise)
         dtype = _check_inputs("sample_marginals", u, signal, noise_scale, noise)
         k = noise.shape[0] if noise.dim() else -1
         if noise.shape[1:] != u.shape or signal.shape != (k,) or noise_scale.shape != (k,):
-            calls.check_shapes("sample_marginals", False, u, signal, noise_scale, noise)
+            raise calls.shape_error("sample_marginals", u, signal, noise_scale, noise)
         if torch.is_grad_enabled() and (
             signal.requires_grad or noise_scale.requires_grad or noise.requires_grad
         ):
@@ -142,7 +127,7 @@ class NumbaDiffusionOps:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`."""
         dtype = _check_inputs("denoising_losses", u, uhat, weights)
         if uhat.dim() < 2 or uhat.shape[1:] != u.shape or weights.shape != uhat.shape[:1]:
-            calls.check_shapes("denoising_losses", False, uhat, u, weights)
+            raise calls.shape_error("denoising_losses", uhat, u, weights)
         if weights.requires_grad and torch.is_grad_enabled():
             _refuse_grad("denoising_losses", weights=weights)
         args = (calls.ready(uhat, dtype), calls.ready(u, dtype), calls.ready(weights, dtype))
@@ -161,9 +146,10 @@ class NumbaDiffusionOps:
     ) -> torch.Tensor:
         """See :meth:`~noprop_lightning.schedules.DiffusionOps.inference_update` (no grad)."""
         dtype = z_prev.dtype
-        if (
+        if not (
             # The stochastic chain of inference: contiguous CPU tensors of one kernel dtype
-            # and one-element coefficients, under no_grad; tested inline.
+            # and one-element coefficients, under no_grad; tested inline and passed as they
+            # are. Anything else is checked, made dense and cast below.
             noise is not None
             and not torch.is_grad_enabled()
             and dtype in calls.NUMBA_DTYPES
@@ -187,42 +173,27 @@ class NumbaDiffusionOps:
             and uhat.shape == z_prev.shape == noise.shape
             and a.numel() == b.numel() == noise_scale.numel() == 1
         ):
-            out = calls.dense_like(z_prev)
-            n = out.numel()
-            calls.launch(
-                "update",
-                n,
-                n,
-                z_prev.dtype,
-                uhat.data_ptr(),
-                z_prev.data_ptr(),
-                a.data_ptr(),
-                b.data_ptr(),
-                noise_scale.data_ptr(),
-                noise.data_ptr(),
-                out.data_ptr(),
-                n,
-            )
-            return out
-        dtype = _check_inputs("inference_update", z_prev, uhat, noise)
-        if torch.is_grad_enabled() and (uhat.requires_grad or z_prev.requires_grad):
-            raise ConfigurationError(
-                "the numba inference_update is not differentiable; call it under "
-                "torch.no_grad() (inference) or use diffusion_backend='torch'"
-            )
-        if uhat.shape != z_prev.shape or (noise is not None and noise.shape != z_prev.shape):
-            calls.check_shapes("inference_update", False, uhat, z_prev, noise)
-        uhat, z_prev = calls.ready(uhat, dtype), calls.ready(z_prev, dtype)
+            dtype = _check_inputs("inference_update", z_prev, uhat, noise)
+            if torch.is_grad_enabled() and (uhat.requires_grad or z_prev.requires_grad):
+                raise ConfigurationError(
+                    "the numba inference_update is not differentiable; call it under "
+                    "torch.no_grad() (inference) or use diffusion_backend='torch'"
+                )
+            if uhat.shape != z_prev.shape or (noise is not None and noise.shape != z_prev.shape):
+                raise calls.shape_error("inference_update", uhat, z_prev, noise)
+            uhat, z_prev = calls.ready(uhat, dtype), calls.ready(z_prev, dtype)
+            a, b = calls.coefficient(a, dtype), calls.coefficient(b, dtype)
+            if noise is not None:
+                noise = calls.ready(noise, dtype)
+                noise_scale = calls.coefficient(noise_scale, dtype)
         out = calls.dense_like(z_prev)
         n = out.numel()
         # The coefficients are 0-d tensors: passed by address, not as Python floats
         # (``Tensor.item`` costs ~0.3 us each, the address ~0.06 us).
-        a, b = calls.coefficient(a, dtype), calls.coefficient(b, dtype)
         head = (uhat.data_ptr(), z_prev.data_ptr(), a.data_ptr(), b.data_ptr())
         if noise is None:
             calls.launch("update_deterministic", n, n, dtype, *head, out.data_ptr(), n)
         else:
-            noise, noise_scale = calls.ready(noise, dtype), calls.coefficient(noise_scale, dtype)
             tail = (noise_scale.data_ptr(), noise.data_ptr(), out.data_ptr(), n)
             calls.launch("update", n, n, dtype, *head, *tail)
         return out
