@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noprop_lightning import NoPropModule  # noqa: E402
+from noprop_lightning.distributed import BlockParallelStrategy  # noqa: E402
 
 COLLECTIVES = (
     "all_reduce",
@@ -85,11 +87,44 @@ class CollectiveCounter(L.Callback):
         self.in_step = False
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class MemoryProbe(L.Callback):
+    """After the second training batch: the bytes of parameters and optimizer state held."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != 2 or self.seen:
+            return
+        states = [v for opt in trainer.optimizers for s in opt.state.values() for v in s.values()]
+        self.seen = {
+            "params": tensor_bytes(pl_module.parameters()),
+            "optimizer": tensor_bytes(states),
+            "blocks_whole": sum(
+                tensor_bytes(b.parameters()) for b in NoPropModule(**MODEL_SIZES).blocks
+            ),
+            "shared_whole": tensor_bytes(pl_module.shared_parameters()),
+        }
+
+
 def data(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 4
     x = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
     return TensorDataset(x, y)
+
+
+#: The model's size settings (``num_blocks`` set from the command line).
+MODEL_SIZES: dict = {
+    "num_classes": 4,
+    "in_channels": 1,
+    "image_size": 8,
+    "network": {"channels": (4, 4, 4), "hidden": 16},
+}
 
 
 def main() -> None:
@@ -102,7 +137,10 @@ def main() -> None:
     parser.add_argument("--embedding", default="onehot")
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args()
+    MODEL_SIZES.update(num_blocks=args.blocks)
 
     torch.set_num_threads(1)
     L.seed_everything(7, verbose=False)
@@ -110,7 +148,7 @@ def main() -> None:
         num_classes=4,
         in_channels=1,
         image_size=8,
-        num_blocks=3,
+        num_blocks=args.blocks,
         embedding=args.embedding,
         embed_dim=None if args.embedding == "onehot" else 5,
         network={"channels": (4, 4, 4), "hidden": 16, "dropout": args.dropout},
@@ -119,19 +157,28 @@ def main() -> None:
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
     train = data(48, 0)
-    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=3)
+    # Replica j of `replicas` reads shard j (ranks are replica-major: rank = j * k + group).
+    groups = args.devices // args.replicas
+    replica = int(os.environ.get("LOCAL_RANK", 0)) // groups
+    sampler = DistributedSampler(
+        train, num_replicas=args.replicas, rank=replica, shuffle=True, seed=3
+    )
     counter = CollectiveCounter()
+    memory = MemoryProbe()
+    strategy = args.strategy
+    if args.replicas > 1:
+        strategy = BlockParallelStrategy(replicas=args.replicas)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=0)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=args.strategy,
+        strategy=strategy,
         max_epochs=args.epochs,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[counter, checkpoint],
+        callbacks=[counter, checkpoint, memory],
     )
     trainer.fit(
         model,
@@ -148,6 +195,7 @@ def main() -> None:
             "test_acc": result["test/acc"],
             "world_size": trainer.world_size,
             "optimizers": len(trainer.optimizers),
+            "memory": memory.seen,
             "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         },
         args.out / f"rank{trainer.global_rank}.pt",

@@ -298,3 +298,61 @@ def test_modules_without_blocks_are_refused(single_process_ddp):
     loader = DataLoader(TensorDataset(*tiny_batch(16)), batch_size=8)
     with pytest.raises(ConfigurationError, match="BackpropModule has no blocks to spread"):
         trainer.fit(BackpropModule(**TINY, num_blocks=2), loader)
+
+
+# ---------------------------------------------------------------------- 2-D layout
+MESH_2x2 = ["--blocks", "4", "--devices", "4", "--strategy", "block_parallel", "--replicas", "2"]
+DATA_PARALLEL_1x2 = ["--blocks", "4", "--devices", "2", "--strategy", "block_parallel"]
+DATA_PARALLEL_1x2 += ["--replicas", "2"]
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory) -> Path:
+    """T=4 on 2 block groups x 2 replicas (4 ranks) and on 1 group x 2 replicas (2 ranks)."""
+    root = tmp_path_factory.mktemp("mesh")
+    run_job(root / "mesh", *MESH_2x2)
+    run_job(root / "dp", *DATA_PARALLEL_1x2)
+    return root
+
+
+def test_two_block_groups_of_two_replicas_match_pure_data_parallel_bit_for_bit(mesh_runs):
+    """2 x 2 = 1 x 2 exactly: each block sees the same shards, noise and dropout (replica
+    streams), and its gradient is the same sum of two replicas' (a + b is exact in either
+    order). With one replica (2 x 1 vs 1 process, above) the 2-D layout is today's layout:
+    so block groups and replicas factorise."""
+    dp = load(mesh_runs / "dp")
+    for rank in range(4):
+        mesh = load(mesh_runs / "mesh", rank)
+        assert mesh["world_size"] == 4
+        assert equal(mesh["state_dict"], dp["state_dict"]), f"rank {rank}"
+        assert mesh["test_acc"] == dp["test_acc"]
+    # Group 0 (ranks 0, 2) owns blocks 0, 1 and the head; group 1 (ranks 1, 3) blocks 2, 3.
+    assert [load(mesh_runs / "mesh", r)["optimizers"] for r in range(4)] == [3, 2, 3, 2]
+    mesh_ckpt, dp_ckpt = ckpt(mesh_runs / "mesh"), ckpt(mesh_runs / "dp")
+    assert mesh_ckpt["global_step"] == dp_ckpt["global_step"] == 2 * 3  # 3 shards of 8 of 24
+    assert equal(mesh_ckpt["state_dict"], dp_ckpt["state_dict"])
+    assert equal(mesh_ckpt["optimizer_states"], dp_ckpt["optimizer_states"])
+
+
+def test_two_by_two_sends_each_block_group_only_its_own_gradients(mesh_runs):
+    dp = load(mesh_runs / "dp")
+    block = dp["memory"]["blocks_whole"] // 4  # T=4 blocks of one size
+    head = dp["memory"]["shared_whole"]
+    expected = {0: 2 * block + head, 1: 2 * block, 2: 2 * block + head, 3: 2 * block}
+    for rank, sent in expected.items():
+        steps = load(mesh_runs / "mesh", rank)["steps"]
+        assert len(steps) == 6  # 2 epochs x 3 batches of this replica's shard
+        assert all(step == [("all_reduce", 8), ("all_reduce", sent)] for step in steps), rank
+
+
+def test_each_rank_holds_parameters_and_optimizer_state_of_its_blocks_only(mesh_runs):
+    """Per rank, parameters + Adam state <= 1/k of the whole model's + the shared part's."""
+    for rank in range(4):
+        memory = load(mesh_runs / "mesh", rank)["memory"]
+        whole_blocks, shared = memory["blocks_whole"], memory["shared_whole"]
+        held = memory["params"] + memory["optimizer"]
+        # Adam: parameters + exp_avg + exp_avg_sq (3x), plus one step counter per tensor.
+        bound = 3 * (whole_blocks / 2 + shared) + 1024
+        assert 3 * whole_blocks / 2 <= held <= bound, (rank, held, bound)
+    dp = load(mesh_runs / "dp")["memory"]
+    assert dp["params"] + dp["optimizer"] >= 3 * (dp["blocks_whole"] + dp["shared_whole"])

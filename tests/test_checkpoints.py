@@ -61,7 +61,7 @@ def test_last_ckpt_is_the_latest_epoch_even_when_val_acc_stalls(tmp_path):
                            callbacks=[best, last])  # fmt: skip
     trainer.fit(frozen_noprop(), tiny_loader(n=32, batch_size=8), tiny_loader(n=16, seed=1))
     ours = torch.load(tmp_path / "ours" / "last.ckpt", weights_only=True)
-    assert ours["epoch"] == 2 and ours["global_step"] == trainer.global_step == 3 * 4 * 3
+    assert ours["epoch"] == 2 and ours["global_step"] == trainer.global_step == 3 * 4  # batches
     # Lightning's own save_last: rewritten only when val/acc improved (epoch 0 here).
     theirs = torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=True)
     assert theirs["epoch"] == 0
@@ -188,7 +188,7 @@ class StepFile(L.Callback):
     "signum, status, said",
     [
         (signal.SIGTERM, 143, "stopped by SIGTERM before the end of training"),
-        (signal.SIGINT, 1, "Ctrl-C: stopping at the end of this training batch"),
+        (signal.SIGINT, 130, "stopped by Ctrl-C (SIGINT) before the end of training"),
     ],
     ids=["SIGTERM", "Ctrl-C"],
 )

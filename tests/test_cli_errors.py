@@ -461,8 +461,8 @@ class PoisonBlock(L.Callback):
 
 def test_nan_in_one_block_stops_with_step_and_block_and_keeps_last_checkpoint(tmp_path):
     torch.manual_seed(0)
-    module = NoPropModule(**TINY, num_blocks=3)  # T + 1 = 4 optimizer steps per batch
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=4)
+    module = NoPropModule(**TINY, num_blocks=3)  # T + 1 = 4 optimizers, one step per batch
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -476,12 +476,12 @@ def test_nan_in_one_block_stops_with_step_and_block_and_keeps_last_checkpoint(tm
     message = str(info.value)
     last = tmp_path / "last.ckpt"
     assert message.startswith(
-        "non-finite training loss at global step 12 (epoch 0, batch 3): block 2 = nan. "
+        "non-finite training loss at global step 3 (epoch 0, batch 3): block 2 = nan. "
     )
     assert "block 1" not in message and "block 3" not in message
     assert f"The last checkpoint, {last}, was written before this step" in message
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 12
+    assert saved["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
     # No optimizer stepped on the poisoned batch: the parameters of the healthy blocks and
     # the head still equal the checkpoint's, and so do all buffers (the BatchNorm statistics

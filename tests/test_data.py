@@ -103,7 +103,7 @@ def test_val_size_zero_trains_on_the_whole_split_without_validation(fake_mnist_d
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)  # fmt: skip
     trainer.fit(module, datamodule=dm)
-    assert trainer.state.finished and trainer.global_step == 4 * 3  # 4 batches, T+1 steps
+    assert trainer.state.finished and trainer.global_step == 4  # 4 batches, one step each
     assert "val/acc" not in trainer.callback_metrics  # no validation ran
     with pytest.raises(ConfigurationError, match="val_size=0. has no validation split"):
         trainer.validate(module, datamodule=dm)

@@ -197,11 +197,11 @@ class StepLog(L.Callback):
 
 
 def cli_command(ckpt_dir: Path, log: Path, *extra: str) -> list[str]:
-    # T = 2: three optimizer steps per batch, so every_n_train_steps=3 is every batch.
+    # T = 2: three optimizers, one step per batch, so every_n_train_steps=1 is every batch.
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": 3, "save_last": True},
+            "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": 1, "save_last": True},
         },
         {"class_path": "tests.test_resume.StepLog", "init_args": {"path": str(log)}},
     ]
@@ -288,24 +288,24 @@ def test_sigkill_mid_epoch_then_resume_from_last_ckpt(tmp_path, monkeypatch):
     # Killed mid-epoch (digits: ~1290 training images / 4 per batch), and at most the batch
     # after the last checkpoint is lost.
     assert 0 < batches_done < 300 and last["epoch"] == 0
-    assert last["global_step"] == 3 * batches_done
-    assert last_logged_step - 3 <= last["global_step"] <= last_logged_step
+    assert last["global_step"] == batches_done
+    assert last_logged_step - 1 <= last["global_step"] <= last_logged_step
 
     # Resume (in this process, through the same CLI entry point): the run continues at the
     # next batch and step, not from zero.
     resumed_log = tmp_path / "steps_resumed.log"
     more = 4
     args = cli_command(ckpt_dir, resumed_log, "--ckpt_path", str(ckpt_dir / "last.ckpt"))
-    args += ["--trainer.max_steps", str(3 * (batches_done + more))]
+    args += ["--trainer.max_steps", str(batches_done + more)]
     monkeypatch.chdir(tmp_path)
     cli = main(args[2:])  # drop "python cli.py"
     assert cli is not None and cli.trainer.state.finished
     resumed = read_log(resumed_log)
     assert [row[:2] for row in resumed] == [
-        (3 * (batches_done + i + 1), batches_done + i) for i in range(more)
+        (batches_done + i + 1, batches_done + i) for i in range(more)
     ]
     final = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
-    assert final["global_step"] == 3 * (batches_done + more)
+    assert final["global_step"] == batches_done + more
     assert not [f for f in ckpt_dir.iterdir() if f.name.endswith(".partial")]
 
 
@@ -352,13 +352,11 @@ def fit_mnist(method, data_dir, root, max_epochs, seed=0, ckpt_path=None):
     network = tiny_network(encoder="mlp", dropout=0.2)
     if method == "noprop":
         module = NoPropModule(**size, num_blocks=2, network=network)
-        steps_per_batch = 3  # one optimizer step per block and one for the head
     else:
         module = BackpropModule(**size, num_blocks=2, network=network)
-        steps_per_batch = 1
-    every = ModelCheckpoint(
-        dirpath=root, filename="{step}", every_n_train_steps=3 * steps_per_batch, save_top_k=-1
-    )
+    # A step is a training batch for both methods (NoProp steps an optimizer per block and
+    # one for the head in it).
+    every = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=3, save_top_k=-1)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=max_epochs,
@@ -371,26 +369,26 @@ def fit_mnist(method, data_dir, root, max_epochs, seed=0, ckpt_path=None):
     )
     data = MNISTDataModule(data_dir=str(data_dir), batch_size=8, val_size=16)  # 6 batches
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module, trainer, steps_per_batch
+    return module, trainer
 
 
 @pytest.mark.parametrize("method", ["noprop", "backprop"])
 def test_mid_epoch_resume_through_the_data_module_is_exact(method, fake_mnist_dir, tmp_path):
     """Stopped after batch 3 of epoch 2 and resumed (other seed): the same weights as
     without the stop, bit for bit, because the rest of the epoch is the same images."""
-    module, trainer, per_batch = fit_mnist(method, fake_mnist_dir, tmp_path / "full", 3)
+    module, trainer = fit_mnist(method, fake_mnist_dir, tmp_path / "full", 3)
     reference = training_state(module, trainer)
-    mid = tmp_path / "full" / f"step={(6 + 3) * per_batch}.ckpt"  # epoch 1, 3 of 6 batches
+    mid = tmp_path / "full" / f"step={6 + 3}.ckpt"  # epoch 1, 3 of 6 batches
     saved = torch.load(mid, weights_only=True)
     assert saved["MNISTDataModule"]["training_order"]["samples"] == 3 * 8
 
-    module, trainer, _ = fit_mnist(method, fake_mnist_dir, tmp_path / "b", 3, 1234, mid)
+    module, trainer = fit_mnist(method, fake_mnist_dir, tmp_path / "b", 3, 1234, mid)
     assert differences(reference, training_state(module, trainer)) == []
 
     # Control: without the training-order state the resumed epoch starts a fresh order.
     del saved["MNISTDataModule"]
     torch.save(saved, tmp_path / "no_order.ckpt")
-    module, trainer, _ = fit_mnist(
+    module, trainer = fit_mnist(
         method, fake_mnist_dir, tmp_path / "c", 3, 1234, tmp_path / "no_order.ckpt"
     )
     assert differences(reference["state_dict"], training_state(module, trainer)["state_dict"])

@@ -57,9 +57,10 @@ class EpochTimer(Callback):
     On a CUDA device the clock is read after ``torch.cuda.synchronize``, so queued kernels
     are counted in the epoch they belong to. Under DDP the time is the maximum over ranks
     (the slowest rank sets the pace) and the sample count is the sum over ranks, so the
-    throughput is that of the whole job; under a strategy whose ranks all see the same
-    batches (``replicates_batches``, e.g. ``block_parallel``) it is one rank's count. Works
-    with any LightningModule: nothing here depends on this package's modules.
+    throughput is that of the whole job; under a strategy where several ranks process each
+    sample (``sample_copies``, e.g. ``block_parallel``: one rank per block group) the sum is
+    divided by that number. Works with any LightningModule: nothing here depends on this
+    package's modules.
 
     Per-training-epoch records (after reduction) are kept in :attr:`history`, a list of
     dicts with keys ``epoch``, ``train_epoch_s``, ``train_samples``,
@@ -210,10 +211,11 @@ class EpochTimer(Callback):
         synchronize(pl_module)
         clock.pause()
         seconds = reduce_across_ranks(trainer, pl_module, {"s": clock.elapsed}, op="max")["s"]
-        # Strategies that give every rank the same batches (block_parallel) process each
-        # sample once per rank: the samples trained are then one rank's, not the sum.
-        op = "max" if getattr(trainer.strategy, "replicates_batches", False) else "sum"
-        total = reduce_across_ranks(trainer, pl_module, {"n": float(samples)}, op=op)["n"]
+        # Strategies whose ranks share samples (block_parallel: every block group trains on
+        # each sample) count each sample that many times in the sum.
+        copies = int(getattr(trainer.strategy, "sample_copies", 1))
+        total = reduce_across_ranks(trainer, pl_module, {"n": float(samples)}, op="sum")["n"]
+        total /= copies
         rate = total / seconds if seconds > 0 else 0.0
         values = {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate}
         log_scalars(pl_module, values, stage)

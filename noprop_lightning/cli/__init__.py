@@ -15,6 +15,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from noprop_lightning.cli.checkpoints import (
     SPECIAL_CKPT_PATHS,
@@ -37,6 +38,7 @@ from noprop_lightning.cli.errors import (
 from noprop_lightning.cli.folders import place_run, resolve_named_checkpoint
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import quiet_known_noise, resuming_into
+from noprop_lightning.distributed.stopping import STOP, StoppedAtOnce, is_lost_process
 from noprop_lightning.errors import ConfigurationError
 
 __all__ = [
@@ -58,6 +60,9 @@ USER_ERROR_EXIT_CODE = 2
 
 #: Exit status after SIGTERM (128 + 15, the shell's convention for a terminated process).
 SIGTERM_EXIT_CODE = 143
+
+#: Exit status when another process of a multi-process run was lost (killed, crashed).
+LOST_PROCESS_EXIT_CODE = 1
 
 
 class NoPropCLI(LightningCLI):
@@ -326,13 +331,42 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
             f"invalid option or config value: {condense_parser_message(str(err))}. "
             f"Run `{prog} <subcommand> --help` to list the accepted options."
         )
+    except StoppedAtOnce:
+        _on_rank_zero("stopped at once by a second Ctrl-C (exit status 130)")
+        sys.exit(STOP.exit_status())
     except SIGTERMException:
-        # Lightning stops after the current batch and exits with status 0; a scheduler
-        # must see that the job did not finish (LastCheckpoint said where the state is).
-        print("stopped by SIGTERM before the end of training (exit status 143)", file=sys.stderr)
-        sys.exit(SIGTERM_EXIT_CODE)
+        # Every rank stopped at the same batch end and saved (distributed.stopping); a
+        # scheduler must see that the job did not finish: 130 after Ctrl-C, 143 after SIGTERM.
+        status = STOP.exit_status()
+        for line in STOP.wait_for_local_ranks():
+            print(f"warning: {line}", file=sys.stderr)
+        _on_rank_zero(
+            f"stopped by {STOP.signal_name()} before the end of training (exit status {status})"
+        )
+        sys.exit(status)
     except Exception as err:
+        if is_lost_process(err):
+            _exit_lost_process(err)
         user_error = find_user_error(err)
         if user_error is None:
             raise
         _exit_with(str(user_error))
+
+
+def _on_rank_zero(message: str) -> None:
+    """Print ``message`` on stderr once per run (global rank 0), not once per process."""
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _exit_lost_process(err: BaseException) -> NoReturn:
+    """Another process of the run is gone: one ``error:`` line per surviving process, exit 1."""
+    cause = " ".join(str(err).split())[:200]
+    rank = getattr(rank_zero_only, "rank", 0)
+    print(
+        f"error: [rank {rank}] lost contact with another process of this run ({cause}); "
+        "stopping. Resume with --ckpt_path last.",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(LOST_PROCESS_EXIT_CODE)

@@ -1,42 +1,52 @@
 """``block_parallel``: NoProp-DT blocks owned by different processes and machines.
 
 Built on Lightning's DDP launching and process groups (``gloo`` on CPU, ``NCCL`` on GPU),
-without the DDP wrapper: no gradient of a block is ever all-reduced.
+without the DDP wrapper. The ``W`` ranks form a 2-D
+:class:`~torch.distributed.device_mesh.DeviceMesh` of ``replicas x block_groups``
+(``--trainer.devices 4`` with ``replicas: 2``: 2 block groups x 2 replicas; the default
+``replicas: 1`` gives every rank its own block group):
 
-- Each rank owns a balanced, contiguous share of the ``T`` blocks
-  (:func:`~noprop_lightning.distributed.layout.split_blocks`) and builds, updates and holds
-  optimizer state for those blocks only.
-- Every rank sees the same batches in the same order (``distributed_sampler_kwargs`` give
-  every rank the whole dataset through one seeded ``DistributedSampler``), so each block
-  trains exactly as in one process.
+- Block group ``g`` owns a balanced, contiguous share of the ``T`` blocks
+  (:func:`~noprop_lightning.distributed.layout.split_blocks`); its ranks build optimizer
+  state for those blocks only, and after the sanity check hold *parameters* only for those
+  blocks and the shared part (the others are freed, and sent by their owners when
+  validation, the end of training or a checkpoint needs the whole model).
+- Replica ``j`` reads shard ``j`` of every batch (one seeded ``DistributedSampler`` over
+  ``replicas``); the ranks of one block group average their blocks' gradients over their
+  replica sub-group (one flat all-reduce per step). With one replica nothing of a block is
+  ever sent, and each block trains exactly as in one process.
 - The shared head and embedding: with a fixed embedding (one-hot) the head is trained by
-  cross-entropy alone, so rank 0 owns it and nothing is communicated; with a trainable
-  embedding every rank steps it after one all-reduce (sum) of its gradients, to which rank 0
-  adds ``CE + KL`` and every rank its blocks' share of the mean denoising loss. Per training
-  step the only other collective is the NaN/inf check (one integer).
-- Validation, test, predict and checkpoints see the whole model: before each of them the
-  owners broadcast their blocks (parameters and BatchNorm statistics) and rank 0 the head.
-  Checkpoints hold all ``T + 1`` optimizer states in the canonical order, gathered from their
-  owners, so a checkpoint written by N ranks loads in one process and resumes on any M.
+  cross-entropy alone, so block group 0 owns it; with a trainable embedding every rank steps
+  it after one all-reduce (sum over the world, mean over replicas) of its gradients, to
+  which group 0 adds ``CE + KL`` and every rank its blocks' share of the mean denoising
+  loss. Per training step the only other collective is the NaN/inf and stop-signal check
+  (one integer, :mod:`~noprop_lightning.distributed.stopping`).
+- Checkpoints hold all ``T + 1`` optimizer states in the canonical order, gathered from the
+  owners (replica 0 of each group), so a checkpoint written by N ranks loads in one process
+  and resumes on any layout.
 
-The module must implement :class:`BlockParallelModule` (:class:`~noprop_lightning.NoPropModule`
-does). Not supported (clear errors): more ranks than blocks, ``block_order: random`` (each
-rank would need the others' choice), ``execution.train_blocks`` (the strategy assigns the
-blocks), data parallelism within a block group.
+What each rank trains is one :class:`~noprop_lightning.distributed.plan.TrainingPlan`,
+built once per fit (:meth:`BlockParallelStrategy.training_plan`). The module must implement
+:class:`BlockParallelModule` (:class:`~noprop_lightning.NoPropModule` does). Not supported
+(clear errors): more block groups than blocks, a world size that ``replicas`` does not
+divide, ``block_order: random`` (each rank would need the others' choice),
+``execution.train_blocks`` (the strategy assigns the blocks), and DDP's wrapper options
+(``find_unused_parameters``, ``static_graph``, comm hooks ...: there is no DDP wrapper).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
-import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from noprop_lightning.distributed.layout import (
     CANONICAL_ENTRIES,
@@ -45,7 +55,9 @@ from noprop_lightning.distributed.layout import (
     merge_views,
     split_blocks,
 )
+from noprop_lightning.distributed.plan import TrainingPlan
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.settings import check_int
 
 STRATEGY_NAME = "block_parallel"
 
@@ -55,9 +67,6 @@ class BlockParallelModule(Protocol):
     """What a LightningModule offers so that ``block_parallel`` can spread its blocks."""
 
     blocks: nn.ModuleList
-
-    def assign_blocks(self, layout: BlockLayout) -> None:
-        """Train only the parts of ``layout`` (called before optimizers and checkpoints)."""
 
     def check_block_parallel(self) -> None:
         """Raise :class:`ConfigurationError` for settings the strategy cannot honour."""
@@ -70,34 +79,88 @@ class BlockParallelModule(Protocol):
 
 
 class BlockParallelStrategy(DDPStrategy):
-    """Each rank trains its own share of the NoProp-DT blocks; see the module docstring.
+    """Each block group trains its own share of the NoProp-DT blocks; see the module docstring.
 
-    Accepts :class:`~lightning.pytorch.strategies.DDPStrategy`'s launching arguments
-    (``process_group_backend``, ``timeout``, ``start_method``, ...).
+    Args:
+        replicas: Data-parallel replicas of each block group (must divide the number of
+            processes, ``devices x num_nodes``); the rest of the ranks form block groups.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io,
+        precision_plugin, process_group_backend, timeout, start_method: As for
+            :class:`~lightning.pytorch.strategies.DDPStrategy` (launching and process groups).
+        **ddp_only: Refused: DDP's wrapper options, which this strategy would ignore.
+
+    Raises:
+        ConfigurationError: For an option of DDP's wrapper, or ``replicas < 1``.
     """
 
     strategy_name = STRATEGY_NAME
-    #: NoPropModule reads this: no DDP reducer, so block losses may be back-propagated one
-    #: by one (the low-memory sequential path).
-    per_block_backward = True
-    #: Every rank processes every sample (throughput callbacks should not sum over ranks).
-    replicates_batches = True
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.owners: list[int] = []
-        self.layout: BlockLayout | None = None
-        self._sync_shared = False
+    def __init__(
+        self,
+        replicas: int = 1,
+        *,
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+        **ddp_only: Any,
+    ) -> None:
+        if ddp_only:
+            raise ConfigurationError(
+                f"strategy 'block_parallel' has no DDP wrapper, so DDP's option(s) "
+                f"{', '.join(sorted(ddp_only))} would be ignored: remove them (block "
+                "gradients are never all-reduced across block groups)"
+            )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.replicas = check_int("replicas", replicas)
+        self.mesh: DeviceMesh | None = None
+        self.plan: TrainingPlan | None = None
+        self._freed: dict[int, torch.Size] = {}
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ layout
+    @property
+    def block_groups(self) -> int:
+        """``k = world size / replicas``: how many ways the blocks are split."""
+        return max(1, self.world_size // self.replicas)
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica (its shard of each batch): ``rank // block_groups``."""
+        return self.global_rank // self.block_groups
+
+    @property
+    def sample_copies(self) -> int:
+        """How many ranks process each sample (one per block group)."""
+        return self.block_groups
+
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        """Every rank gets the whole dataset, in one seeded order (no data sharding)."""
-        return {"num_replicas": 1, "rank": 0}
+        """Replica ``j`` gets shard ``j``: every block group sees the same batches."""
+        return {"num_replicas": self.replicas, "rank": self.replica}
 
     def setup_environment(self) -> None:
-        """Start the process group, then assign the blocks (before any checkpoint is read)."""
+        """Start the process group and the ``replica x block_group`` mesh; check the model."""
+        if self.world_size % self.replicas:
+            raise ConfigurationError(
+                f"strategy 'block_parallel' with replicas={self.replicas} needs a number of "
+                f"processes divisible by {self.replicas}, got {self.world_size} "
+                "(devices x num_nodes)"
+            )
         super().setup_environment()
+        self.plan = None
         module = self.lightning_module
         if module is None or module.trainer.state.fn != TrainerFn.FITTING:
             return
@@ -108,64 +171,90 @@ class BlockParallelStrategy(DDPStrategy):
                 "strategy 'ddp' for data parallelism"
             )
         module.check_block_parallel()
-        num_blocks = len(module.blocks)
-        shares = split_blocks(num_blocks, self.world_size)
-        self.owners = [rank for rank, share in enumerate(shares) for _ in share]
-        trainable = module.shared_is_trainable()
-        self._sync_shared = trainable and self.world_size > 1
-        self.layout = BlockLayout(
-            num_blocks,
-            tuple(shares[self.global_rank]),
-            shared=trainable or self.global_rank == 0,
-            head_loss=self.global_rank == 0,
+        split_blocks(len(module.blocks), self.block_groups)  # refuses k > T
+        if self.world_size > 1 and self.mesh is None:
+            self.mesh = init_device_mesh(
+                self.root_device.type,
+                (self.replicas, self.block_groups),
+                mesh_dim_names=("replica", "block_group"),
+            )
+
+    def training_plan(self, num_blocks: int, shared_trainable: bool) -> TrainingPlan:
+        """This rank's :class:`TrainingPlan` (built once per fit, kept in :attr:`plan`)."""
+        k, r = self.block_groups, self.replicas
+        group = self.global_rank % k
+        shares = split_blocks(num_blocks, k)
+        self.plan = TrainingPlan(
+            layout=BlockLayout(
+                num_blocks,
+                tuple(shares[group]),
+                shared=shared_trainable or group == 0,
+                head_loss=group == 0,
+            ),
+            backward="per_block",
+            logging="spread" if k > 1 else "local",
+            block_groups=k,
+            replicas=r,
+            block_group=group,
+            replica=self.replica,
+            owners=tuple(g for g, share in enumerate(shares) for _ in share),
+            replica_group=self.mesh.get_group("replica") if r > 1 and self.mesh else None,
+            shared_over_world=shared_trainable and self.world_size > 1,
         )
-        module.assign_blocks(self.layout)
+        return self.plan
 
     def configure_ddp(self) -> None:
-        """No DDP wrapper: block gradients stay on their owner."""
-
-    # ------------------------------------------------------------------ training
-    def optimizer_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        closure: Callable[[], Any],
-        model: L.LightningModule | nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Step an optimizer; the shared one first all-reduces its gradients (trainable case)."""
-        if self._sync_shared and self._is_shared(optimizer):
-            self.all_reduce_gradients([p for g in optimizer.param_groups for p in g["params"]])
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
-
-    def _is_shared(self, optimizer: torch.optim.Optimizer) -> bool:
-        shared = {id(p) for part in self.lightning_module.shared_parts() for p in part.parameters()}
-        return any(id(p) in shared for g in optimizer.param_groups for p in g["params"])
-
-    def all_reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
-        """Sum the gradients of ``params`` over all ranks, in one flat all-reduce."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g).clone()
-            offset += n
+        """No DDP wrapper: block gradients stay in their block group."""
 
     # ------------------------------------------------------------------ whole model
+    def release_blocks(self) -> None:
+        """Free the parameters of the blocks this rank does not train (k > 1)."""
+        if self.plan is None or self.plan.block_groups == 1:
+            return
+        mine = set(self.plan.layout.blocks)
+        for t, block in enumerate(self.lightning_module.blocks):
+            if t in mine:
+                continue
+            for p in block.parameters():
+                if p.numel():
+                    self._freed[id(p)] = p.shape
+                    p.data = p.data.new_empty(0)
+
+    def _materialize(self) -> None:
+        if not self._freed:
+            return
+        for p in self.lightning_module.blocks.parameters():
+            if id(p) in self._freed:
+                p.data = p.data.new_empty(self._freed[id(p)])
+        self._freed = {}
+
     def gather_model(self) -> None:
         """Give every rank the whole model: owners broadcast their blocks, rank 0 the head."""
-        if self.layout is None or self.world_size == 1:
+        if self.plan is None or self.world_size == 1:
             return
         module = self.lightning_module
+        self._materialize()
         for t, block in enumerate(module.blocks):
-            _broadcast_module(block, src=self.owners[t])
+            _broadcast_module(block, src=self.plan.owners[t])
         for part in module.shared_parts():
             _broadcast_module(part, src=0)
+
+    def _training_goes_on(self) -> bool:
+        trainer = self.lightning_module.trainer
+        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_train_start(self) -> None:
+        """After the sanity check: keep only this rank's blocks."""
+        self.release_blocks()
 
     def on_validation_start(self) -> None:
         """Validation sees every block's latest weights."""
         self.gather_model()
+
+    def on_validation_end(self) -> None:
+        """Back to this rank's blocks once a validation inside training is done."""
+        if self._training_goes_on():
+            self.release_blocks()
 
     def on_test_start(self) -> None:
         """Testing sees every block's latest weights."""
@@ -187,15 +276,26 @@ class BlockParallelStrategy(DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        """Gather every owner's optimizer and scheduler states into rank 0's checkpoint."""
-        if self.layout is not None and self.world_size > 1 and LAYOUT_KEY in checkpoint:
+        """Gather the owners' optimizer and scheduler states into rank 0's checkpoint."""
+        plan = self.plan
+        if plan is not None and self.world_size > 1 and LAYOUT_KEY in checkpoint:
             view = {k: checkpoint[k] for k in (LAYOUT_KEY, *CANONICAL_ENTRIES) if k in checkpoint}
             view = move_data_to_device(view, torch.device("cpu"))
             views: list[Any] = [None] * self.world_size
             dist.all_gather_object(views, view)
-            checkpoint.update(merge_views([(v[LAYOUT_KEY], v) for v in views]))
-            checkpoint[LAYOUT_KEY] = BlockLayout.full(self.layout.num_blocks).record()
+            # Replica 0 of each block group holds the reference states (ranks 0 .. k-1).
+            owners = views[: plan.block_groups]
+            checkpoint.update(merge_views([(v[LAYOUT_KEY], v) for v in owners]))
+            checkpoint[LAYOUT_KEY] = BlockLayout.full(plan.layout.num_blocks).record()
         super().save_checkpoint(checkpoint, filepath, storage_options)
+        if plan is not None and self.lightning_module is not None and self._training_goes_on():
+            self.release_blocks()
+
+    def teardown(self) -> None:
+        """Forget the mesh and the plan (the process group goes with Lightning's teardown)."""
+        self.mesh = None
+        self.plan = None
+        super().teardown()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

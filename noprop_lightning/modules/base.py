@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.classification import MulticlassAccuracy
 
+from noprop_lightning.distributed.stopping import STOP
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.guards import (
     SHAPE_NAMES,
@@ -31,6 +34,26 @@ from noprop_lightning.settings import Settings, check_int
 
 #: Stream keys of the evaluation stages (distinct from any block index).
 EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
+
+
+@contextmanager
+def uncounted_step(optimizer: LightningOptimizer) -> Iterator[None]:
+    """Within this context ``optimizer.step()`` does not advance Lightning's step counter.
+
+    Lightning's manual-optimization loop hands each ``LightningOptimizer`` the two hooks
+    that count a step (``_on_before_step`` / ``_on_after_step``) at every batch; they are
+    swapped for no-ops here and put back after.
+    """
+    hooks = optimizer._on_before_step, optimizer._on_after_step
+    optimizer._on_before_step = optimizer._on_after_step = _no_op
+    try:
+        yield
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = hooks
+
+
+def _no_op() -> None:
+    return None
 
 
 class ClassifierModule(ResumeHooks, L.LightningModule):
@@ -216,10 +239,45 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
             self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_start(self) -> None:
-        """Drop the sanity check's validation state; apply changed settings on resume."""
+        """Drop the sanity check's validation state; apply changed settings on resume.
+
+        From here on SIGINT/SIGTERM stop every rank together at a batch end (see
+        :mod:`noprop_lightning.distributed.stopping`).
+        """
+        STOP.install(self.trainer)
         self.val_acc.reset()
         if self.trainer.ckpt_path is not None:
             self.apply_changed_optimizer_settings()
+
+    def on_validation_start(self) -> None:
+        """In a fit, the stop path covers the sanity check too (before ``on_train_start``)."""
+        if self._trainer is not None and self.trainer.sanity_checking:
+            STOP.install(self.trainer)
+
+    def on_train_end(self) -> None:
+        """A signal received after the last training batch still stops every rank."""
+        STOP.stop_if_signalled(self.trainer)
+
+    def teardown(self, stage: str) -> None:
+        """Give SIGINT/SIGTERM back to the handlers found when fitting started."""
+        STOP.restore()
+
+    def step_optimizers(self, optimizers: Sequence[LightningOptimizer]) -> None:
+        """Step ``optimizers`` in order; together they advance ``global_step`` by one.
+
+        Under manual optimization Lightning counts every ``optimizer.step()`` as a global
+        step, so a NoProp-DT batch would count ``T + 1`` (and each ``block_parallel`` rank
+        its own number). Steps mean training batches instead, as for backprop and in one
+        process or many: ``max_steps``, ``val_check_interval``, ``every_n_train_steps`` and
+        ``log_every_n_steps`` count batches, and checkpoints do not depend on the layout.
+        Only the last step of the batch is counted (``global_step`` moves once the whole
+        batch has stepped).
+        """
+        *uncounted, counted = optimizers
+        for optimizer in uncounted:
+            with uncounted_step(optimizer):
+                optimizer.step()
+        counted.step()
 
     # ------------------------------------------------------------------ inference
     #: The random stream of stochastic inference during a validation, test or predict epoch

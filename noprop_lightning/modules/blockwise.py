@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from noprop_lightning.distributed import BlockLayout, canonicalize, localize
+from noprop_lightning.distributed.plan import TrainingPlan, plan_for
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.noprop_base import NoPropBase
 from noprop_lightning.modules.optim import OptimizerGroup, build_optimizer
@@ -24,6 +25,31 @@ from noprop_lightning.objectives import BlockStreams
 
 #: Checkpoint key of the per-block random streams' seed and step counter.
 STREAMS_KEY = "noprop_block_streams"
+#: Checkpoint key saying that ``global_step`` counts training batches (from 0.4 on).
+STEP_UNIT_KEY = "noprop_step_unit"
+_MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
+_BATCHES = "epoch_loop.batch_progress"
+
+
+def count_steps_as_batches(checkpoint: dict[str, Any]) -> None:
+    """Rewrite an older checkpoint's step counter in training batches, in place.
+
+    Checkpoints of noprop-lightning 0.3 and earlier counted every optimizer step of a
+    batch (``T + 1`` in one process, each rank its own share under ``block_parallel``);
+    a resumed fit counts batches (:meth:`~noprop_lightning.modules.base.ClassifierModule.
+    step_optimizers`), so ``max_steps`` and step intervals keep their meaning.
+    """
+    if checkpoint.get(STEP_UNIT_KEY) == "batch":
+        return
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    steps, batches = loop.get(_MANUAL_STEPS), loop.get(_BATCHES)
+    if not steps or not batches:
+        return
+    for scope in ("total", "current"):
+        done = int(batches[scope]["completed"])
+        steps[scope] = {"ready": done, "completed": done}
+    checkpoint["global_step"] = int(batches["total"]["completed"])
+    checkpoint[STEP_UNIT_KEY] = "batch"
 
 
 class BlockwiseModule(NoPropBase):
@@ -31,30 +57,46 @@ class BlockwiseModule(NoPropBase):
 
     Subclasses set :attr:`blocks` and ``objective`` (with ``head`` and ``embedding``) and
     call :meth:`use_layout` whenever the requested layout changes.
+
+    What a fit trains is one :class:`~noprop_lightning.distributed.plan.TrainingPlan`, made
+    in :meth:`setup` from the requested layout and the strategy (``block_parallel`` decides
+    the blocks of each rank), and asked for the layout, the backward and logging modes.
     """
 
     blocks: nn.ModuleList
-    _layout: BlockLayout
-    _assigned = False
+    _requested: BlockLayout
+    _plan: TrainingPlan | None = None
     _stream_step = 0
 
     # ------------------------------------------------------------------ layout
     @property
+    def plan(self) -> TrainingPlan:
+        """What this process trains in the current fit (outside a fit: the requested layout)."""
+        if self._plan is None:
+            return TrainingPlan(layout=self._requested)
+        return self._plan
+
+    @property
     def layout(self) -> BlockLayout:
         """The parts of the model this process trains."""
-        return self._layout
+        return self.plan.layout
 
     def use_layout(self, layout: BlockLayout) -> None:
-        """Train the parts of ``layout`` from the next ``fit`` on (optimizers follow it)."""
-        self._layout = layout
+        """Ask for ``layout`` from the next ``fit`` on (a separate job's blocks, or all).
 
-    def assign_blocks(self, layout: BlockLayout) -> None:
-        """Train this rank's share (called by ``block_parallel``).
-
-        See :class:`~noprop_lightning.distributed.BlockParallelModule`.
+        The strategy may decide otherwise (``block_parallel`` assigns the blocks itself).
         """
-        self.use_layout(layout)
-        self._assigned = True
+        self._requested = layout
+        self._plan = None
+
+    def setup(self, stage: str) -> None:
+        """Make the fit's :class:`TrainingPlan`, once, before optimizers and checkpoints."""
+        super().setup(stage)
+        self._plan = (
+            plan_for(self._trainer, self._requested, self.shared_is_trainable())
+            if stage == "fit"
+            else None
+        )
 
     def check_block_parallel(self) -> None:
         """Refuse what ``block_parallel`` cannot honour (subclasses add their settings)."""
@@ -94,10 +136,13 @@ class BlockwiseModule(NoPropBase):
 
     # ------------------------------------------------------------------ random streams
     def next_streams(self) -> BlockStreams:
-        """The random streams of this training step; advances the step counter."""
+        """The random streams of this training step; advances the step counter.
+
+        Replicas of ``block_parallel`` (other shards of the batch) draw other noise.
+        """
         if self._run_seed is None:  # a step outside fit (tests): seed as fit would
             self._run_seed = self.default_seed()
-        streams = BlockStreams(self._run_seed, self._stream_step)
+        streams = BlockStreams(self._run_seed, self._stream_step, self.plan.replica)
         self._stream_step += 1
         return streams
 
@@ -106,6 +151,7 @@ class BlockwiseModule(NoPropBase):
         """Store the stream state and the optimizer states in the canonical layout."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[STREAMS_KEY] = {"seed": self._run_seed, "step": self._stream_step}
+        checkpoint[STEP_UNIT_KEY] = "batch"
         canonicalize(checkpoint, self.layout, self._fresh_state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -114,6 +160,7 @@ class BlockwiseModule(NoPropBase):
         streams = checkpoint.get(STREAMS_KEY)
         if streams is not None:
             self._stream_step = int(streams["step"])
+        count_steps_as_batches(checkpoint)
         localize(checkpoint, self.layout)
 
     def _fresh_state(self, index: int, entry: str) -> dict[str, Any]:
@@ -127,11 +174,6 @@ class BlockwiseModule(NoPropBase):
         return optimizer.state_dict()
 
     # ------------------------------------------------------------------ logging
-    @property
-    def spread_over_ranks(self) -> bool:
-        """Whether the blocks are trained by several ranks (``block_parallel``)."""
-        return self._assigned and self._trainer is not None and self.trainer.world_size > 1
-
     def log_spread_losses(
         self,
         total: torch.Tensor,
@@ -141,11 +183,12 @@ class BlockwiseModule(NoPropBase):
     ) -> None:
         """Log a ``block_parallel`` step's losses so that their epoch means come out right.
 
-        Every rank logs every key (collectives must match): its own value times the world
-        size, ``0`` for the parts it does not train, epoch-level only, so the mean over ranks
-        that Lightning takes once per epoch is the owner's mean and no step communicates.
+        Every rank logs every key (collectives must match): its own value times the number
+        of block groups ``k``, ``0`` for the parts it does not train, epoch-level only. Each
+        part is trained by ``r`` of the ``k r`` ranks, so the mean over ranks that Lightning
+        takes once per epoch is the owners' mean, and no step communicates.
         """
-        ranks = self.trainer.world_size
+        ranks = self.plan.loss_scale
         zero = torch.zeros((), device=self.device)
         terms = {
             f"loss_block_{self.block_tag(t)}": by_block[t] * ranks if t in by_block else zero

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from noprop_lightning.callbacks.last import LastCheckpoint
+from noprop_lightning.distributed.stopping import STOP
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding
 
@@ -106,7 +107,10 @@ def check_datamodule_matches(trainer: L.Trainer | None, model_values: Mapping[st
 def check_finite_losses(
     trainer: L.Trainer | None, losses: Mapping[str, torch.Tensor], where: str
 ) -> None:
-    """Stop training if any loss is NaN or infinite (on any process).
+    """Stop training if any loss is NaN or infinite (on any process); agree on signals.
+
+    The one collective every rank makes in every training batch: it also tells every rank
+    whether any was sent SIGINT/SIGTERM (see :mod:`noprop_lightning.distributed.stopping`).
 
     Call it after the losses (and backward) but *before* the optimizer steps, so the
     weights are still those of the last good step and no checkpoint is overwritten.
@@ -121,11 +125,9 @@ def check_finite_losses(
     """
     values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
     finite_here = bool(torch.isfinite(values).all())
-    finite = finite_here
-    if trainer is not None:
-        # Every process must stop together, or DDP would hang on the next collective.
-        finite = trainer.strategy.reduce_boolean_decision(finite_here, all=True)
-    if finite:
+    # Every process must stop together, or DDP would hang on the next collective. The same
+    # collective carries a pending SIGINT/SIGTERM of any rank (one stop path, see STOP).
+    if not STOP.agree(trainer, diverged_here=not finite_here):
         return
     if finite_here:
         culprits = "a loss on another process (this process's losses are finite)"

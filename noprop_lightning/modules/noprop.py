@@ -13,7 +13,6 @@ from noprop_lightning.modules.blockwise import BlockwiseModule
 from noprop_lightning.modules.guards import SHAPE_NAMES
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
 from noprop_lightning.modules.parallel import (
-    needs_single_backward,
     refuse_gradient_scaler,
     require_find_unused_parameters,
     same_on_every_rank,
@@ -255,7 +254,8 @@ class NoPropModule(BlockwiseModule):
         step = DTBatch(x, y, block_noise, shared_grad_scale=scale, streams=streams)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
-        one_backward = needs_single_backward(self._trainer)
+        plan = self.plan
+        one_backward = plan.backward == "summed"
         head = {}
         if self.layout.head_loss:
             head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
@@ -274,14 +274,18 @@ class NoPropModule(BlockwiseModule):
         names = {"loss_head": "head cross-entropy", "kl": "KL"}
         terms = {names[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
-        for t in block_ids:
-            optimizers[self.layout.optimizer_index(t)].step()
-        if self.layout.shared:
-            optimizers[-1].step()
+        # Replicas of a block group average their gradients; a learned embedding sums its
+        # own over every rank (block_parallel; nothing to do in one process or under DDP).
+        plan.synchronize_gradients(
+            [p for t in block_ids for p in self.blocks[t].parameters()],
+            self.shared_parameters() if self.layout.shared else [],
+        )
+        stepped = [optimizers[self.layout.optimizer_index(t)] for t in block_ids]
+        self.step_optimizers(stepped + ([optimizers[-1]] if self.layout.shared else []))
 
         by_block = dict(zip(block_ids, block_losses, strict=True))
         total = block_losses.sum() + attached.detach()
-        if self.spread_over_ranks:
+        if plan.logging == "spread":
             self.log_spread_losses(total, by_block, head, len(y))
             return total
         logged = {**head, **{f"loss_block_{self.block_tag(t)}": v for t, v in by_block.items()}}
@@ -292,7 +296,7 @@ class NoPropModule(BlockwiseModule):
     def on_fit_start(self) -> None:
         """Refuse a gradient scaler when block losses are back-propagated in worker threads."""
         super().on_fit_start()
-        if self.executor.concurrent_backward and not needs_single_backward(self._trainer):
+        if self.executor.concurrent_backward and self.plan.backward == "per_block":
             refuse_gradient_scaler(
                 self._trainer,
                 f"execution mode {self.executor.name!r} back-propagates block losses in worker "

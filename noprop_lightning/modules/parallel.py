@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.strategies import ParallelStrategy
 from torch.nn.parallel import DistributedDataParallel
 
 from noprop_lightning.errors import ConfigurationError
-
-
-def needs_single_backward(trainer: L.Trainer | None) -> bool:
-    """Whether a training step may call ``manual_backward`` only once.
-
-    True under any parallel strategy (DDP, FSDP, ...), even with one process: DDP's reducer
-    accepts one backward per forward, so per-block backward calls must be replaced by one
-    backward of the summed losses (same gradients: blocks share no parameters). False
-    under strategies that say ``per_block_backward`` (``block_parallel``: no DDP reducer).
-    """
-    if trainer is None or getattr(trainer.strategy, "per_block_backward", False):
-        return False
-    return trainer.world_size > 1 or isinstance(trainer.strategy, ParallelStrategy)
 
 
 def same_on_every_rank(trainer: L.Trainer | None, value: int) -> int:

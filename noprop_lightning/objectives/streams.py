@@ -47,14 +47,21 @@ class BlockStreams:
     Attributes:
         seed: The run's seed (the same in every process and job of one training).
         step: The training step (batch) counter, counted identically everywhere.
+        replica: The data-parallel replica (``block_parallel`` with ``replicas > 1``): each
+            shard of a batch gets its own noise; replica 0's streams are those of one process.
     """
 
     seed: int
     step: int
+    replica: int = 0
+
+    def _seed(self, *keys: int) -> int:
+        extra = (2, self.replica) if self.replica else ()
+        return stream_seed(self.seed, *keys, *extra)
 
     def generator(self, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A fresh generator for ``stream`` on ``device``, seeded by (seed, stream, step)."""
-        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, stream, self.step))
+        return torch.Generator(device=device).manual_seed(self._seed(stream, self.step))
 
     def normal(
         self, stream: int, shape: tuple[int, ...], device: torch.device | str | None = None
@@ -71,7 +78,7 @@ class BlockStreams:
         same global stream as if the block had not run.
         """
         devices = [device] if device is not None and device.type == "cuda" else []
-        seed = stream_seed(self.seed, stream, self.step, 1)
+        seed = self._seed(stream, self.step, 1)
         with torch.random.fork_rng(devices=devices):
             torch.random.default_generator.manual_seed(seed)
             for cuda in devices:

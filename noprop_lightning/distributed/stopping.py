@@ -1,0 +1,235 @@
+"""One stop path for one process or many: a signal raises a flag, the ranks agree at a batch.
+
+Ctrl-C (SIGINT) and SIGTERM may reach one rank, some, or all of them, once or several times
+(a terminal signals the whole process group; a scheduler signals the launcher, which
+forwards the signal; an operator signals one pid). A rank that acts on its own signal
+deadlocks the others: it enters a collective (the checkpoint save) that they never make.
+So during ``fit``:
+
+1. The handler of :class:`StopSignals` only records the signal (nothing else runs inside a
+   handler: no collective, no I/O but one line on stderr).
+2. Every training batch every rank makes one small collective anyway: the check that no
+   loss is NaN/inf (:func:`~noprop_lightning.modules.guards.check_finite_losses`). The
+   pending signal rides on it (:meth:`StopSignals.agree`: one ``int64`` all-reduced with
+   ``MAX``: ``4 * diverged + signal``), so every rank learns in the same batch that some
+   rank was signalled.
+3. Every rank then finishes that batch (all its optimizer steps) and raises Lightning's
+   ``SIGTERMException`` at the batch end, in the same batch: the ``on_exception`` hooks
+   (:class:`~noprop_lightning.callbacks.LastCheckpoint` saves ``last.ckpt`` once, with the
+   collectives every rank makes) and the command line exits with ``130`` (SIGINT) or
+   ``143`` (SIGTERM) on every rank.
+
+A second Ctrl-C stops at once (``130``) without saving: ``last.ckpt`` keeps the last state
+saved. A repeated SIGTERM is ignored (a launcher forwarding the signal to a rank that had
+it already). A signal that arrives during validation takes effect at the next training
+batch, or at the end of training (one last agreement in ``on_train_end``).
+
+Lightning's own SIGTERM handler (replaced during ``fit`` and put back after) broadcasts
+from inside the handler and lets each rank stop on its own flag: the deadlocks above.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+#: The signals :class:`StopSignals` handles, by priority when ranks received different ones.
+CODES = {signal.SIGINT: 1, signal.SIGTERM: 2}
+#: Exit status per signal (128 + the signal number, the shell's convention).
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_DIVERGED = 4
+
+
+class StoppedAtOnce(SystemExit):
+    """A second Ctrl-C: the process exits with status 130 without saving."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_STATUS[signal.SIGINT])
+
+
+class StopSignals:
+    """The process's SIGINT/SIGTERM record during ``fit`` (see the module docstring).
+
+    One instance per process (:data:`STOP`): signal handlers are per process.
+    """
+
+    def __init__(self) -> None:
+        self.pending: signal.Signals | None = None
+        self.agreed: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        self._trainer: L.Trainer | None = None
+        self._local_ranks: list[subprocess.Popen] = []
+
+    # ------------------------------------------------------------------ handlers
+    def install(self, trainer: L.Trainer) -> None:
+        """Handle SIGINT and SIGTERM for ``trainer``'s fit (main thread only; idempotent)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        # Lightning's launcher (rank 0 of `--trainer.devices N`) started the other local ranks.
+        self._local_ranks = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+        for signum in CODES:
+            current = signal.getsignal(signum)
+            if current == self._on_signal:
+                continue
+            self._previous[signum] = current
+            signal.signal(signum, self._on_signal)
+
+    def restore(self) -> None:
+        """Put back the handlers found at :meth:`install` (where ours is still installed)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, previous)
+        self._previous = {}
+        self._trainer = None
+
+    def reset(self) -> None:
+        """Forget the signals of an earlier fit (called when a fit starts)."""
+        self.pending = None
+        self.agreed = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        received = signal.Signals(signum)
+        if self.pending is None:
+            self.pending = received
+            _say(self._trainer, _first_message(received))
+        elif received == signal.SIGINT and self.pending == signal.SIGINT:
+            _say(self._trainer, "second Ctrl-C: stopping at once, without saving")
+            self.restore()
+            raise StoppedAtOnce
+        elif CODES[received] > CODES[self.pending]:
+            self.pending = received  # SIGTERM after Ctrl-C: exit as terminated
+
+    # ------------------------------------------------------------------ agreement
+    def agree(self, trainer: L.Trainer | None, diverged_here: bool) -> bool:
+        """The per-batch collective: whether any rank diverged; stop if any was signalled.
+
+        Every rank calls this once per training batch (before its optimizer steps). If
+        some rank holds a signal, every rank's trainer is told to stop at the end of this
+        batch (Lightning raises ``SIGTERMException`` there).
+
+        Returns:
+            Whether a loss was non-finite on any rank.
+        """
+        code = (_DIVERGED if diverged_here else 0) + (CODES[self.pending] if self.pending else 0)
+        if trainer is not None and trainer.world_size > 1 and dist.is_initialized():
+            flag = torch.tensor([code], dtype=torch.int64, device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        signalled = code % _DIVERGED
+        if signalled and trainer is not None:
+            self.agreed = next(s for s, c in CODES.items() if c == signalled)
+            _quiet_process_observer()
+            # Lightning's own flag (read at the end of the batch and of the epoch): set on
+            # every rank in the same batch, so they all stop there together.
+            trainer._signal_connector.received_sigterm = True
+        return code >= _DIVERGED
+
+    def stop_if_signalled(self, trainer: L.Trainer) -> None:
+        """At the end of training: a signal that came after the last batch still stops."""
+        if self.agreed is None:
+            self.agree(trainer, diverged_here=False)
+        if self.agreed is not None:
+            raise SIGTERMException
+
+    def wait_for_local_ranks(self, timeout: float = 60.0) -> list[str]:
+        """Before the launching process exits: wait for the ranks it started.
+
+        So the command returns when the whole run has stopped, never leaving a rank behind.
+
+        Returns:
+            ``"rank R exited with status S"`` for each rank that did not exit like this one
+            (empty when all did); a rank still running after ``timeout`` is killed.
+        """
+        expected = self.exit_status()
+        odd = []
+        for rank, proc in enumerate(self._local_ranks, start=1):
+            try:
+                status = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = proc.wait()
+            if status != expected:
+                odd.append(f"rank {rank} exited with status {status}")
+        self._local_ranks = []
+        return odd
+
+    def exit_status(self) -> int:
+        """The exit status of a stop: 130 after Ctrl-C, else 143."""
+        return EXIT_STATUS[self.agreed or self.pending or signal.SIGTERM]
+
+    def signal_name(self) -> str:
+        """How the stop is named in messages (``Ctrl-C (SIGINT)`` or ``SIGTERM``)."""
+        received = self.agreed or self.pending or signal.SIGTERM
+        return "Ctrl-C (SIGINT)" if received == signal.SIGINT else "SIGTERM"
+
+
+def _quiet_process_observer() -> None:
+    """Stop Lightning's child-process observer before a deliberate stop.
+
+    Rank 0 of ``--trainer.devices N`` watches the ranks it started and SIGKILLs every
+    process (itself included) once one of them has exited with a non-zero status: a rank
+    exiting with 143 after the agreed save would get rank 0 killed before it exits with 143.
+    Rank 0 waits for its ranks itself instead (:meth:`StopSignals.wait_for_local_ranks`).
+    """
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_run"):
+            thread._run = lambda: True  # its next look ends it, without killing anything
+
+
+def _first_message(received: signal.Signals) -> str:
+    if received == signal.SIGINT:
+        return (
+            "Ctrl-C: stopping at the end of this training batch and saving last.ckpt "
+            "(Ctrl-C again to stop at once, without saving)"
+        )
+    return "SIGTERM: stopping at the end of this training batch and saving last.ckpt"
+
+
+def _say(trainer: L.Trainer | None, message: str) -> None:
+    """One line on stderr, prefixed with the rank when there are several."""
+    if trainer is not None and trainer.world_size > 1:
+        message = f"[rank {trainer.global_rank}] {message}"
+    print(f"\n{message}", file=sys.stderr, flush=True)
+
+
+#: How gloo and NCCL say that a peer process is gone (killed, crashed, its machine lost).
+_LOST_PEER = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "connection refused",
+    "broken pipe",
+    "nccl communicator was aborted",
+)
+
+
+def is_lost_process(exception: BaseException) -> bool:
+    """Whether ``exception`` says that another process of the group is gone.
+
+    A collective then fails on every survivor; saving (more collectives) would fail again.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exception
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, dist.DistBackendError) or (
+            isinstance(current, RuntimeError)
+            and any(text in str(current).lower() for text in _LOST_PEER)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+#: The process's stop record.
+STOP = StopSignals()

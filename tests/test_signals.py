@@ -1,0 +1,210 @@
+"""Signals, kill -9 and step budgets in 2-process runs of the real CLI: nothing ever hangs.
+
+Each case starts ``python cli.py fit`` with ``--trainer.devices 2`` (Lightning's launcher is
+rank 0 and starts rank 1), waits until both ranks have trained a few batches, signals one
+rank, the launcher or the whole process group the way an operator or a scheduler would,
+and requires every process to be gone within seconds with the right exit status. Every
+wait has a deadline, so a regression fails the test instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Seconds every process has to be gone after the signal.
+GONE_WITHIN = 30.0
+
+
+class RankProgress(L.Callback):
+    """Writes ``rank<r>.json`` (pid, finished batches, global step) after every batch."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"pid": os.getpid(), "batches": batch_idx + 1, "step": trainer.global_step}
+        target = self.folder / f"rank{trainer.global_rank}.json"
+        target.with_suffix(".tmp").write_text(json.dumps(state))
+        target.with_suffix(".tmp").replace(target)
+
+
+def fit_args(strategy: str, progress: Path, *extra: str) -> list[str]:
+    callback = {"class_path": "tests.test_signals.RankProgress",
+                "init_args": {"folder": str(progress)}}  # fmt: skip
+    args = ["fit", "--config", "quickstart", "--model.init_args.num_blocks", "3"]
+    args += ["--model.init_args.network.channels", "[4,4,4]"]
+    args += ["--model.init_args.network.hidden", "16", "--data.init_args.batch_size", "8"]
+    args += ["--trainer.strategy", strategy, "--trainer.devices", "2"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "50"]
+    args += ["--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    args += ["--trainer.logger.init_args.name", "run", "--test_after_fit", "false"]
+    args += ["--trainer.callbacks+", json.dumps(callback), *extra]
+    return args
+
+
+def start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: os.killpg reaches both ranks
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def wait_for_batches(proc: subprocess.Popen, progress: Path, batches: int) -> dict[int, dict]:
+    """Both ranks' progress once each has finished ``batches`` batches (deadline 120 s)."""
+    deadline = time.monotonic() + 120
+    while True:
+        ranks = {}
+        for rank in (0, 1):
+            try:
+                ranks[rank] = json.loads((progress / f"rank{rank}.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        if len(ranks) == 2 and min(r["batches"] for r in ranks.values()) >= batches:
+            return ranks
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the ranks did not reach {batches} batches within 120 s")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, pids: list[int]) -> tuple[int, str, float]:
+    """Exit status of rank 0, its stderr, and the seconds until every rank was gone."""
+    sent = time.monotonic()
+    try:
+        stderr = proc.communicate(timeout=GONE_WITHIN)[1].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"rank 0 still running {GONE_WITHIN:.0f} s after the signal (a hang)")
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() - sent > GONE_WITHIN:
+            for pid in pids:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"a rank was still running {GONE_WITHIN:.0f} s after the signal")
+        time.sleep(0.05)
+    return proc.returncode, stderr, time.monotonic() - sent
+
+
+def last_checkpoint(tmp_path: Path) -> dict:
+    path = tmp_path / "lightning_logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    return torch.load(path, weights_only=True)
+
+
+# ---------------------------------------------------------------------- signals
+SIGNAL_CASES = [
+    ("block_parallel", "rank0", signal.SIGINT, 130),
+    ("block_parallel", "rank1", signal.SIGTERM, 143),
+    ("block_parallel", "launcher", signal.SIGTERM, 143),
+    ("block_parallel", "group", signal.SIGINT, 130),
+    ("ddp", "rank1", signal.SIGTERM, 143),
+    ("ddp", "group", signal.SIGTERM, 143),
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "target", "signum", "status"),
+    SIGNAL_CASES,
+    ids=[f"{s}-{signal.Signals(n).name}-to-{t}" for s, t, n, _ in SIGNAL_CASES],
+)
+def test_a_signal_to_any_rank_stops_every_rank_at_one_batch_and_saves_once(
+    tmp_path, strategy, target, signum, status
+):
+    progress = tmp_path / "progress"
+    proc = start(tmp_path, fit_args(strategy, progress))
+    ranks = wait_for_batches(proc, progress, 5)
+    pids = [ranks[0]["pid"], ranks[1]["pid"]]
+    assert pids[0] == proc.pid  # Lightning's launcher is rank 0
+    if target == "group":
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(pids[1] if target == "rank1" else pids[0], signum)
+    returncode, stderr, seconds = finish(proc, pids)
+    assert returncode == status, stderr[-3000:]
+    assert "Traceback" not in stderr and "warning: rank" not in stderr, stderr[-3000:]
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+    assert stderr.count(f"stopped by {name} before the end of training") == 1, stderr[-3000:]
+    assert seconds < GONE_WITHIN
+    # Both ranks stopped after the same batch, and the one save holds that state.
+    final = {r: json.loads((progress / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert final[0]["step"] == final[1]["step"]
+    saved = last_checkpoint(tmp_path)
+    assert saved["global_step"] == final[0]["step"]
+    assert len(saved["optimizer_states"]) == 4  # T + 1 states, whatever the layout
+    assert stderr.count("Saved the training state reached") == 1
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    progress = tmp_path / "progress"
+    proc = start(tmp_path, fit_args("block_parallel", progress))
+    ranks = wait_for_batches(proc, progress, 3)
+    pids = [ranks[0]["pid"], ranks[1]["pid"]]
+    # Hold the stop in validation (no training batch to agree at) by signalling twice at once.
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
+    returncode, stderr, _ = finish(proc, pids)
+    assert returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+def test_kill_9_of_one_rank_ends_the_survivor_with_one_error_line(tmp_path):
+    progress = tmp_path / "progress"
+    proc = start(tmp_path, fit_args("block_parallel", progress))
+    ranks = wait_for_batches(proc, progress, 3)
+    os.kill(ranks[1]["pid"], signal.SIGKILL)
+    returncode, stderr, seconds = finish(proc, [ranks[0]["pid"]])
+    assert returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lost contact with another process" in errors[0], stderr
+    assert seconds < 10
+
+
+# ---------------------------------------------------------------------- steps are batches
+def test_max_steps_counts_batches_on_every_rank(tmp_path):
+    """``max_steps 7`` trains 7 batches on both ranks (T + 1 optimizers each: 4 and 2 here)."""
+    progress = tmp_path / "progress"
+    args = fit_args("block_parallel", progress, "--trainer.max_steps", "7")
+    proc = start(tmp_path, args)
+    try:
+        stderr = proc.communicate(timeout=180)[1].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("max_steps did not end a block_parallel fit within 180 s (a hang)")
+    assert proc.returncode == 0, stderr[-3000:]
+    final = {r: json.loads((progress / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert final[0] == {**final[0], "batches": 7, "step": 7}
+    assert final[1] == {**final[1], "batches": 7, "step": 7}
+    assert last_checkpoint(tmp_path)["global_step"] == 7
