@@ -166,7 +166,7 @@ def main() -> None:
     counter = CollectiveCounter()
     memory = MemoryProbe()
     strategy = args.strategy
-    if args.replicas > 1:
+    if args.replicas > 1 and args.strategy == "block_parallel":
         strategy = BlockParallelStrategy(replicas=args.replicas)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=0)
     trainer = L.Trainer(

@@ -312,7 +312,16 @@ def mesh_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mesh")
     run_job(root / "mesh", *MESH_2x2)
     run_job(root / "dp", *DATA_PARALLEL_1x2)
+    run_job(root / "ddp", "--blocks", "4", "--devices", "2", "--strategy", "ddp", "--replicas", "2")
     return root
+
+
+def test_one_block_group_of_two_replicas_is_ddp_bit_for_bit(mesh_runs):
+    """The independent reference for replicas: torch's DDP (its reducer averages the same
+    two gradients; one backward of the summed losses, the same gradients per block)."""
+    ddp, dp = load(mesh_runs / "ddp"), load(mesh_runs / "dp")
+    assert equal(ddp["state_dict"], dp["state_dict"])
+    assert ddp["test_acc"] == dp["test_acc"]
 
 
 def test_two_block_groups_of_two_replicas_match_pure_data_parallel_bit_for_bit(mesh_runs):
@@ -356,3 +365,13 @@ def test_each_rank_holds_parameters_and_optimizer_state_of_its_blocks_only(mesh_
         assert 3 * whole_blocks / 2 <= held <= bound, (rank, held, bound)
     dp = load(mesh_runs / "dp")["memory"]
     assert dp["params"] + dp["optimizer"] >= 3 * (dp["blocks_whole"] + dp["shared_whole"])
+
+
+def test_ddp_wrapper_options_and_an_indivisible_world_are_refused():
+    with pytest.raises(ConfigurationError, match="find_unused_parameters would be ignored"):
+        BlockParallelStrategy(find_unused_parameters=True)
+    with pytest.raises(ConfigurationError, match="replicas must be an integer >= 1"):
+        BlockParallelStrategy(replicas=0)
+    strategy = BlockParallelStrategy(replicas=2)  # on 1 process (devices x num_nodes)
+    with pytest.raises(ConfigurationError, match="number of processes divisible by 2, got 1"):
+        strategy.setup_environment()

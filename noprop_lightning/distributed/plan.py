@@ -136,7 +136,13 @@ def plan_for(
     strategy = trainer.strategy if trainer is not None else None
     if isinstance(strategy, PlansTraining):
         return strategy.training_plan(requested.num_blocks, shared_trainable)
-    summed = trainer is not None and (
-        trainer.world_size > 1 or isinstance(strategy, ParallelStrategy)
+    if trainer is None or not (trainer.world_size > 1 or isinstance(strategy, ParallelStrategy)):
+        return TrainingPlan(layout=requested)
+    # Data parallel (DDP): every rank is a replica reading its own shard (and drawing its
+    # own noise); the reducer wants one backward of the summed losses.
+    return TrainingPlan(
+        layout=requested,
+        backward="summed",
+        replicas=trainer.world_size,
+        replica=trainer.global_rank,
     )
-    return TrainingPlan(layout=requested, backward="summed" if summed else "per_block")
