@@ -42,6 +42,21 @@ class RankProgress(L.Callback):
         target.with_suffix(".tmp").replace(target)
 
 
+class SlowEvaluation(L.Callback):
+    """Writes ``rank<r>.json`` after every evaluation batch, then waits 0.2 s."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"pid": os.getpid(), "batches": batch_idx + 1, "step": 0}
+        target = self.folder / f"rank{trainer.global_rank}.json"
+        target.with_suffix(".tmp").write_text(json.dumps(state))
+        target.with_suffix(".tmp").replace(target)
+        time.sleep(0.2)
+
+
 def fit_args(strategy: str, progress: Path, *extra: str) -> list[str]:
     callback = {"class_path": "tests.test_signals.RankProgress",
                 "init_args": {"folder": str(progress)}}  # fmt: skip
@@ -208,3 +223,22 @@ def test_max_steps_counts_batches_on_every_rank(tmp_path):
     assert final[0] == {**final[0], "batches": 7, "step": 7}
     assert final[1] == {**final[1], "batches": 7, "step": 7}
     assert last_checkpoint(tmp_path)["global_step"] == 7
+
+
+# ---------------------------------------------------------------------- outside training
+def test_a_signal_during_a_two_process_evaluation_stops_at_once(tmp_path):
+    progress = tmp_path / "progress"
+    callback = {"class_path": "tests.test_signals.SlowEvaluation",
+                "init_args": {"folder": str(progress)}}  # fmt: skip
+    args = ["validate", "--config", "quickstart", "--model.init_args.num_blocks", "3"]
+    args += ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    args += ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.logger", "false", "--data.init_args.batch_size", "8"]
+    args += ["--trainer.callbacks", json.dumps([callback])]
+    proc = start(tmp_path, args)
+    ranks = wait_for_batches(proc, progress, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    returncode, stderr, _ = finish(proc, [ranks[0]["pid"], ranks[1]["pid"]])
+    assert returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped at once by SIGTERM, nothing saved" in stderr

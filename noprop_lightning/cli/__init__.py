@@ -331,9 +331,10 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
             f"invalid option or config value: {condense_parser_message(str(err))}. "
             f"Run `{prog} <subcommand> --help` to list the accepted options."
         )
-    except StoppedAtOnce:
-        _on_rank_zero("stopped at once by a second Ctrl-C (exit status 130)")
-        sys.exit(STOP.exit_status())
+    except StoppedAtOnce as stop:
+        name = "Ctrl-C (SIGINT)" if stop.code == 130 else "SIGTERM"
+        _on_rank_zero(f"stopped at once by {name}, nothing saved (exit status {stop.code})")
+        sys.exit(stop.code)
     except SIGTERMException:
         # Every rank stopped at the same batch end and saved (distributed.stopping); a
         # scheduler must see that the job did not finish: 130 after Ctrl-C, 143 after SIGTERM.

@@ -50,10 +50,11 @@ _DIVERGED = 4
 
 
 class StoppedAtOnce(SystemExit):
-    """A second Ctrl-C: the process exits with status 130 without saving."""
+    """A second Ctrl-C, or a signal outside training: exit at once (130/143), nothing saved."""
 
-    def __init__(self) -> None:
-        super().__init__(EXIT_STATUS[signal.SIGINT])
+    def __init__(self, received: signal.Signals = signal.SIGINT) -> None:
+        super().__init__(EXIT_STATUS[received])
+        self.received = received
 
 
 class StopSignals:
@@ -67,14 +68,23 @@ class StopSignals:
         self.agreed: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._trainer: L.Trainer | None = None
+        self._at_once = False
         self._local_ranks: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ handlers
-    def install(self, trainer: L.Trainer) -> None:
-        """Handle SIGINT and SIGTERM for ``trainer``'s fit (main thread only; idempotent)."""
+    def install(self, trainer: L.Trainer, at_once: bool = False) -> None:
+        """Handle SIGINT and SIGTERM for ``trainer`` (main thread only; idempotent).
+
+        Args:
+            trainer: The trainer whose fit (or evaluation) runs.
+            at_once: Outside training (``validate``, ``test``, ``predict``) there is no
+                state to save and no batch to agree at: a signal stops the process at once
+                (the others stop at their next collective, or when they finish).
+        """
         if threading.current_thread() is not threading.main_thread():
             return
         self._trainer = trainer
+        self._at_once = at_once
         # Lightning's launcher (rank 0 of `--trainer.devices N`) started the other local ranks.
         self._local_ranks = list(getattr(trainer.strategy.launcher, "procs", None) or [])
         for signum in CODES:
@@ -100,6 +110,10 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         received = signal.Signals(signum)
+        if self._at_once:
+            self.pending = self.agreed = received
+            self.restore()
+            raise StoppedAtOnce(received)
         if self.pending is None:
             self.pending = received
             _say(self._trainer, _first_message(received))

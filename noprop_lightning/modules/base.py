@@ -250,9 +250,23 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
             self.apply_changed_optimizer_settings()
 
     def on_validation_start(self) -> None:
-        """In a fit, the stop path covers the sanity check too (before ``on_train_start``)."""
-        if self._trainer is not None and self.trainer.sanity_checking:
+        """In a fit, the stop path covers the sanity check too (before ``on_train_start``).
+
+        In ``validate`` a signal stops at once (nothing to save).
+        """
+        if self._trainer is None:
+            return
+        if self.trainer.sanity_checking:
             STOP.install(self.trainer)
+        elif self.trainer.state.fn != "fit":
+            STOP.reset()
+            STOP.install(self.trainer, at_once=True)
+
+    def on_predict_start(self) -> None:
+        """In ``predict`` a signal stops at once (nothing to save)."""
+        if self._trainer is not None:
+            STOP.reset()
+            STOP.install(self.trainer, at_once=True)
 
     def on_train_end(self) -> None:
         """A signal received after the last training batch still stops every rank."""
@@ -359,6 +373,7 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
+        STOP.reset()  # signals of an earlier fit in this process are done with
         check_datamodule_matches(self._trainer, self.shape_values())
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if getattr(datamodule, "batch_size", None) == 1:
@@ -370,5 +385,8 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
             self._run_seed = seed
 
     def on_test_start(self) -> None:
-        """Refuse a data module whose classes or image shape differ from the model's."""
+        """Refuse a data module that does not fit; from here a signal stops at once."""
         check_datamodule_matches(self._trainer, self.shape_values())
+        if self._trainer is not None:
+            STOP.reset()
+            STOP.install(self.trainer, at_once=True)
