@@ -456,7 +456,7 @@ CONFIGS = [
 def test_configs_turn_the_callbacks_on(name):
     config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
     paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
-    assert "lightning.pytorch.callbacks.ModelCheckpoint" in paths
+    assert "noprop_lightning.callbacks.BestCheckpoint" in paths
     for cls in ("EpochTimer", "PeakMemoryMonitor", "TensorBoardHParams", "RunSummary"):
         assert f"noprop_lightning.callbacks.{cls}" in paths
     assert config["trainer"]["logger"]["init_args"]["default_hp_metric"] is False

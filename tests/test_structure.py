@@ -23,6 +23,7 @@ FLOORS = {
     "errors": 0,
     "settings": 1,
     "config_files": 1,
+    "stopping": 1,  # signals and the per-batch agreement: callbacks, modules and the CLI
     "nets": 2,
     "schedules": 2,
     "data": 2,

@@ -6,6 +6,7 @@
 * :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
 * :class:`RNGStateCheckpoint`: the global RNG states in every checkpoint (exact resume).
 * :class:`LastCheckpoint`: ``last.ckpt`` = the latest state (every epoch, on SIGTERM, ...).
+* :class:`BestCheckpoint`: the best checkpoint by a metric, ties going to the later epoch.
 * :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
 * :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
 * :class:`PredictionWriter`: ``predict``'s probabilities and classes to a CSV or tensor file.
@@ -13,6 +14,7 @@
 """
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
+from noprop_lightning.callbacks.best import BestCheckpoint
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.last import LastCheckpoint
@@ -38,6 +40,7 @@ def default_callbacks() -> list:
 
 __all__ = [
     "AtomicCheckpointIO",
+    "BestCheckpoint",
     "ChannelsLast",
     "CompactModelSummary",
     "EpochTimer",

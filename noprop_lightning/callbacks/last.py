@@ -8,8 +8,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from noprop_lightning.distributed.stopping import StoppedAtOnce, is_lost_process
 from noprop_lightning.settings import check_optional_int
+from noprop_lightning.stopping import StoppedAtOnce, is_lost_process
 
 #: The file name (without ``.ckpt``) Lightning's ``--ckpt_path last`` looks for.
 LAST_NAME = "last"
@@ -32,7 +32,7 @@ class LastCheckpoint(ModelCheckpoint):
       the state before the bad step). It prints where the state went.
 
     A stop by SIGINT/SIGTERM is agreed by every rank at a batch end (see
-    :mod:`noprop_lightning.distributed.stopping`), so the saved state never holds a batch
+    :mod:`noprop_lightning.stopping`), so the saved state never holds a batch
     that some blocks have taken and others not, and every rank takes part in the one save.
     Nothing is saved when a second Ctrl-C stops at once, nor when another process of the
     run was lost (its collectives would fail): ``last.ckpt`` then keeps the last state saved.

@@ -13,9 +13,9 @@ from typing import Any, NoReturn
 import lightning.pytorch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from noprop_lightning.cli.checkpoints import (
     SPECIAL_CKPT_PATHS,
@@ -35,11 +35,12 @@ from noprop_lightning.cli.errors import (
     raised_by_lightning,
     trainer_setup_message,
 )
-from noprop_lightning.cli.folders import place_run, resolve_named_checkpoint
+from noprop_lightning.cli.exits import exit_after_stop, exit_lost_process
+from noprop_lightning.cli.folders import place_run, starting_checkpoint
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import quiet_known_noise, resuming_into
-from noprop_lightning.distributed.stopping import STOP, StoppedAtOnce, is_lost_process
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.stopping import StoppedAtOnce, is_lost_process
 
 __all__ = [
     "LINKED_DATA_PROPERTIES",
@@ -60,9 +61,6 @@ USER_ERROR_EXIT_CODE = 2
 
 #: Exit status after SIGTERM (128 + 15, the shell's convention for a terminated process).
 SIGTERM_EXIT_CODE = 143
-
-#: Exit status when another process of a multi-process run was lost (killed, crashed).
-LOST_PROCESS_EXIT_CODE = 1
 
 
 class NoPropCLI(LightningCLI):
@@ -197,6 +195,11 @@ class NoPropCLI(LightningCLI):
                     # Without an empty FLOPs column or parameter-free rows.
                     summary = "noprop_lightning.callbacks.CompactModelSummary"
                     added.append(Namespace(class_path=summary))
+            elif callbacks:
+                # Lightning keeps summary callbacks a config lists; false means no summary.
+                callbacks = trainer.callbacks = [
+                    c for c in callbacks if not _is_subclass(c, ModelSummary)
+                ]
             if added:
                 trainer.callbacks = callbacks = [*(callbacks or []), *added]
             ckpt_path = self.config[self.subcommand].get("ckpt_path")
@@ -216,9 +219,7 @@ class NoPropCLI(LightningCLI):
         if dirpath is None or not isinstance(callbacks, list):
             return
         for callback in callbacks:
-            if str(getattr(callback, "class_path", "")).endswith(
-                (".ModelCheckpoint", ".LastCheckpoint")
-            ):
+            if _is_subclass(callback, ModelCheckpoint):  # LastCheckpoint, BestCheckpoint too
                 if callback.get("init_args") is not None:
                     callback.init_args.dirpath = dirpath
 
@@ -255,11 +256,9 @@ class NoPropCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path in ("last", "best"):
-            trainer = config.get("trainer")
-            logger = trainer.get("logger") if trainer is not None else None
-            ckpt_path = config.ckpt_path = resolve_named_checkpoint(logger, ckpt_path, subcommand)
+        # last / best resolved; after a torchrun / SLURM restart, the run's latest checkpoint.
+        ckpt_path = starting_checkpoint(config.get("trainer"), config.get("ckpt_path"), subcommand)
+        config.ckpt_path = ckpt_path
         if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
             return
         checkpoint = read_checkpoint_header(ckpt_path)
@@ -331,43 +330,18 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
             f"invalid option or config value: {condense_parser_message(str(err))}. "
             f"Run `{prog} <subcommand> --help` to list the accepted options."
         )
-    except StoppedAtOnce as stop:
-        name = "Ctrl-C (SIGINT)" if stop.code == 130 else "SIGTERM"
-        _on_rank_zero(f"stopped at once by {name}, nothing saved (exit status {stop.code})")
-        sys.exit(stop.code)
-    except SIGTERMException:
-        # Every rank stopped at the same batch end and saved (distributed.stopping); a
-        # scheduler must see that the job did not finish: 130 after Ctrl-C, 143 after SIGTERM.
-        status = STOP.exit_status()
-        for line in STOP.wait_for_local_ranks():
-            print(f"warning: {line}", file=sys.stderr)
-        _on_rank_zero(
-            f"stopped by {STOP.signal_name()} before the end of training (exit status {status})"
-        )
-        sys.exit(status)
+    except (StoppedAtOnce, SIGTERMException) as stop:
+        exit_after_stop(stop)
     except Exception as err:
         if is_lost_process(err):
-            _exit_lost_process(err)
+            exit_lost_process(err)
         user_error = find_user_error(err)
         if user_error is None:
             raise
         _exit_with(str(user_error))
 
 
-def _on_rank_zero(message: str) -> None:
-    """Print ``message`` on stderr once per run (global rank 0), not once per process."""
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _exit_lost_process(err: BaseException) -> NoReturn:
-    """Another process of the run is gone: one ``error:`` line per surviving process, exit 1."""
-    cause = " ".join(str(err).split())[:200]
-    rank = getattr(rank_zero_only, "rank", 0)
-    print(
-        f"error: [rank {rank}] lost contact with another process of this run ({cause}); "
-        "stopping. Resume with --ckpt_path last.",
-        file=sys.stderr,
-        flush=True,
-    )
-    sys.exit(LOST_PROCESS_EXIT_CODE)
+def _is_subclass(callback: Any, base: type) -> bool:
+    """Whether a callback config (``class_path``) names a subclass of ``base``."""
+    cls = import_class(str(getattr(callback, "class_path", "")))
+    return isinstance(cls, type) and issubclass(cls, base)

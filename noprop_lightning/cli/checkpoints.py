@@ -190,3 +190,25 @@ def checkpoint_dirpath(checkpoint: Mapping[str, Any]) -> str | None:
     state = next(model_checkpoint_states(checkpoint), None)
     dirpath = None if state is None else state.get("dirpath")
     return None if dirpath is None else str(dirpath)
+
+
+def describe_progress(path: str | Path) -> str:
+    """Where training stood in a checkpoint: `` (epoch 1, 9 batches into it, global step 36)``.
+
+    Reads the file memory-mapped (the tensors are not loaded); ``""`` if it cannot be read
+    (the checks of ``--ckpt_path`` then say why).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - only a description: the real read comes later
+        return ""
+    if not isinstance(checkpoint, Mapping):
+        return ""
+    parts = [f"epoch {checkpoint.get('epoch')}"]
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        parts.append(f"{progress['processed']} training batches into it")
+    except (KeyError, TypeError):
+        pass
+    parts.append(f"global step {checkpoint.get('global_step')}")
+    return f" ({', '.join(parts)})"

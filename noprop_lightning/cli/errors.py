@@ -157,4 +157,25 @@ def condense_parser_message(message: str) -> str:
             if in_errors and "Expected a <class 'NoneType'>" not in line:
                 kept.append(line.lstrip("- ").rstrip(":"))
         lines = kept or lines
-    return ": ".join(lines) + _did_you_mean(message)
+    return ": ".join(lines) + _did_you_mean(message) + _optimizer_hint(message)
+
+
+#: LightningCLI's top-level optimizer options, and where this CLI takes them instead.
+_MODEL_OPTIMIZER_OPTIONS = {
+    "--optimizer": "--model.init_args.optimizer",
+    "--lr_scheduler": "--model.init_args.scheduler",
+}
+
+
+def _optimizer_hint(message: str) -> str:
+    """Where ``--optimizer`` / ``--lr_scheduler`` go here (the model builds its optimizers)."""
+    for option, here in _MODEL_OPTIMIZER_OPTIONS.items():
+        if re.search(rf"unrecognized arguments:.*{option}\b", message):
+            return (
+                f" (the modules build one optimizer per block themselves: use {here}, e.g. "
+                f"{here} torch.optim.lr_scheduler.StepLR --{here[2:]}.init_args.step_size 10"
+                if option == "--lr_scheduler"
+                else f" (the modules build one optimizer per block themselves: use {here}, "
+                f"e.g. {here} torch.optim.SGD --{here[2:]}.init_args.lr 0.01"
+            ) + ")"
+    return ""

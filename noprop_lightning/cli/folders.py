@@ -1,13 +1,25 @@
-"""Run folders: a resumed fit continues in its own folder, no run writes into another's."""
+"""Run folders: a resumed fit continues in its own folder, no run writes into another's.
+
+A restarted torchrun or SLURM fit (the same command line run again) goes on in the folder
+and from the latest checkpoint of its first attempt: :func:`starting_checkpoint`.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from noprop_lightning.cli.checkpoints import model_checkpoint_states
+from noprop_lightning.cli.checkpoints import (
+    describe_progress,
+    import_class,
+    model_checkpoint_states,
+)
+from noprop_lightning.distributed.elastic import Launch, current_launch, join_group
 from noprop_lightning.errors import ConfigurationError
 
 #: Loggers whose folder is ``<save_dir>/<name>/<version>`` (``version_N`` by default).
@@ -50,19 +62,39 @@ def place_run(logger: Any, ckpt_path: str | None, subcommand: str) -> None:
     init_args = logger.init_args
     checkpoint = Path(ckpt_path).resolve() if ckpt_path and Path(ckpt_path).is_file() else None
     if init_args.get("version") is None:
-        if checkpoint is not None and checkpoint.parent.name == "checkpoints":
-            run = checkpoint.parent.parent
-            if run.parent == root.resolve():
-                init_args.version = run.name
+        run = _run_of(root, checkpoint)
+        if run is not None:
+            init_args.version = run.name
         return
-    folder = root / version_folder(init_args.version)
+    refuse_taken_folder(root / version_folder(init_args.version), init_args.version, checkpoint)
+
+
+def _run_of(root: Path, checkpoint: Path | None) -> Path | None:
+    """The run folder ``<root>/<version>`` whose ``checkpoints/`` holds ``checkpoint``."""
+    if checkpoint is None or checkpoint.parent.name != "checkpoints":
+        return None
+    run = checkpoint.parent.parent
+    return run if run.parent == root.resolve() else None
+
+
+def refuse_taken_folder(folder: Path, version: Any, checkpoint: Path | None) -> None:
+    """Refuse an explicit version whose folder holds another run (see :func:`place_run`).
+
+    Not refused: an empty folder, resuming from a checkpoint inside it, and a folder that a
+    torchrun / SLURM run with the same run id created (:func:`starting_checkpoint`).
+
+    Raises:
+        ConfigurationError: The folder is taken.
+    """
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     if checkpoint is not None and folder.resolve() in checkpoint.parents:
         return  # resuming into its own folder
+    if _holds_marker(folder, current_launch()):
+        return  # this run's own folder, after a restart
     raise ConfigurationError(
         f"the logger's folder {folder} already holds another run (version "
-        f"{init_args.version!r}): writing there would overwrite its config.yaml and mix the "
+        f"{version!r}): writing there would overwrite its config.yaml and mix the "
         "two runs' events. Leave the version unset for a new folder, choose another one, or "
         f"resume that run with --ckpt_path {folder / 'checkpoints' / 'last.ckpt'}."
     )
@@ -112,3 +144,178 @@ def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | N
         "that still exists (its ModelCheckpoint has no monitor, or the file was removed); give "
         "the checkpoint file instead."
     )
+
+
+# ---------------------------------------------------------------------- restarts
+#: The marker a torchrun / SLURM fit leaves in its run folder: ``.elastic-<launcher>-<id>.json``.
+MARKER_FORMAT = ".elastic-{key}.json"
+
+
+def _marker_path(folder: Path, launch: Launch) -> Path:
+    return folder / MARKER_FORMAT.format(key=launch.key)
+
+
+def _holds_marker(folder: Path, launch: Launch | None) -> bool:
+    """Whether ``folder`` is the run folder of ``launch``'s run (its marker is there)."""
+    if launch is None or not (launch.identifies_job or launch.restarts):
+        return False
+    return _marker_path(folder, launch).is_file()
+
+
+def starting_checkpoint(trainer: Any, ckpt_path: str | None, subcommand: str) -> str | None:
+    """The checkpoint a command starts from: ``--ckpt_path``, or a restarted run's latest.
+
+    ``--ckpt_path last`` and ``best`` are resolved (:func:`resolve_named_checkpoint`).
+    Under torchrun this first meets the other processes of the attempt
+    (:func:`~noprop_lightning.distributed.elastic.join_group`). A ``fit`` under torchrun or
+    SLURM with a TensorBoard or CSV logger:
+
+    - first start: rank 0 claims the run folder (a new ``version_N``, the explicit version,
+      or the folder of the checkpoint resumed) before training and leaves a marker there
+      keyed by the launcher's run id (torchrun's ``--rdzv-id``, SLURM's job id and step);
+    - restart (the marker exists): the fit goes on in that folder, from the newest
+      checkpoint written there since the marker (``last.ckpt`` of ``LastCheckpoint``), else
+      from the checkpoint the first attempt started from, else from scratch, whatever
+      ``--ckpt_path`` says; rank 0 prints which.
+
+    Every rank takes rank 0's decision (under torchrun through the store of the attempt;
+    under SLURM each reads the marker, which no checkpoint can predate).
+
+    Args:
+        trainer: The ``trainer`` part of the config (its logger version may be set here).
+        ckpt_path: ``--ckpt_path`` as given.
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+
+    Returns:
+        The checkpoint file to start from (``None``: from scratch), or a special value of
+        Lightning's (``hpc``, ``registry`` ...) unchanged.
+    """
+    channel = join_group()
+    launch = current_launch()
+    logger = trainer.get("logger") if trainer is not None else None
+    if subcommand != "fit" or launch is None:
+        return _resolve(logger, ckpt_path, subcommand)
+    start = None
+    if launch.rank == 0 or channel is None:
+        start = _plan_start(trainer, ckpt_path, launch)
+    if channel is not None:
+        start = channel.share("start", start)
+    if start["version"] is not None:
+        logger.init_args.version = start["version"]
+    if start["message"] and launch.rank == 0:
+        print(start["message"], flush=True)
+    return start["ckpt_path"]
+
+
+def _resolve(logger: Any, ckpt_path: str | None, subcommand: str) -> str | None:
+    if ckpt_path in ("last", "best"):
+        return resolve_named_checkpoint(logger, ckpt_path, subcommand)
+    return ckpt_path
+
+
+def _plan_start(trainer: Any, ckpt_path: str | None, launch: Launch) -> dict[str, Any]:
+    """``{"version", "ckpt_path", "message"}`` of this start; rank 0 claims the folder."""
+    logger = trainer.get("logger")
+    root = logger_root(logger)
+    marker = None
+    if root is not None and (launch.identifies_job or launch.restarts):
+        markers = sorted(root.glob(f"*/{MARKER_FORMAT.format(key=launch.key)}"))
+        marker = max(markers, key=lambda p: p.stat().st_mtime, default=None)
+    if marker is not None:
+        return _plan_restart(marker, trainer, launch)
+    message = None
+    if launch.restarts and root is None:
+        message = (
+            f"{launch.describe()}: without a TensorBoard or CSV logger the first attempt's "
+            "checkpoints cannot be found, starting "
+            + ("again from --ckpt_path" if ckpt_path else "from scratch")
+        )
+    ckpt_path = _resolve(logger, ckpt_path, "fit")
+    version = None
+    if root is not None and launch.rank == 0:
+        folder, version = _claim_folder(root, logger.init_args.get("version"), ckpt_path)
+        record = {"launcher": launch.launcher, "run_id": launch.run_id, "ckpt_path": ckpt_path}
+        marker = _marker_path(folder, launch)
+        partial = marker.with_name(f"{marker.name}.partial")
+        partial.write_text(json.dumps(record))
+        os.replace(partial, marker)  # the other ranks read a whole marker or none
+    return {"version": version, "ckpt_path": ckpt_path, "message": message}
+
+
+def _claim_folder(root: Path, version: Any, ckpt_path: str | None) -> tuple[Path, Any]:
+    """The run folder of a first start and the logger version naming it (created here)."""
+    checkpoint = Path(ckpt_path).resolve() if ckpt_path and Path(ckpt_path).is_file() else None
+    if version is not None:
+        folder = root / version_folder(version)
+        refuse_taken_folder(folder, version, checkpoint)
+    elif (run := _run_of(root, checkpoint)) is not None:
+        folder = root / run.name  # resuming that run, in its folder (as place_run)
+        version = _version_of(run.name)
+    else:
+        taken = [p.name.split("_", 1)[1] for p in root.glob("version_*") if p.is_dir()]
+        number = max((int(n) for n in taken if n.isdigit()), default=-1) + 1
+        while True:  # mkdir is atomic: two runs starting together get two folders
+            try:
+                (root / f"version_{number}").mkdir(parents=True)
+                break
+            except FileExistsError:
+                number += 1
+        return root / f"version_{number}", number
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, version
+
+
+def _version_of(name: str) -> int | str:
+    """The logger version of folder ``name`` (``version_3`` -> ``3``)."""
+    number = name.removeprefix("version_")
+    return int(number) if name.startswith("version_") and number.isdigit() else name
+
+
+def _plan_restart(marker: Path, trainer: Any, launch: Launch) -> dict[str, Any]:
+    """Go on in the marker's folder from the newest checkpoint written since the marker."""
+    folder = marker.parent
+    record = json.loads(marker.read_text())
+    since = marker.stat().st_mtime
+    found = [
+        f
+        for d in _checkpoint_folders(folder, trainer)
+        if d.is_dir()
+        for f in d.glob("*.ckpt")
+        if f.is_file() and f.stat().st_mtime >= since
+    ]
+    newest = max(found, key=lambda f: (f.stat().st_mtime, f.name == "last.ckpt"), default=None)
+    first = record.get("ckpt_path")
+    stopped = f"{launch.describe()}: the run in {folder} wrote no checkpoint before it stopped"
+    if newest is not None:
+        ckpt_path: str | None = str(newest)
+        message = f"{launch.describe()}: resuming the run in {folder} from its latest checkpoint "
+        message += str(newest)
+    elif first and Path(first).is_file():
+        ckpt_path = first
+        message = f"{stopped}; starting again from {first}"
+    else:
+        ckpt_path = None
+        message = f"{stopped}; starting from scratch in that folder"
+    if ckpt_path is not None and launch.rank == 0:
+        message += describe_progress(ckpt_path)
+    return {"version": _version_of(folder.name), "ckpt_path": ckpt_path, "message": message}
+
+
+def _checkpoint_folders(folder: Path, trainer: Any) -> list[Path]:
+    """``<run>/checkpoints`` and the folders the config's checkpoint callbacks name."""
+    folders = [folder / "checkpoints"]
+    for callback in trainer.get("callbacks") or []:
+        init_args = callback.get("init_args") if hasattr(callback, "get") else None
+        if (
+            _names_a_checkpoint_callback(callback)
+            and init_args is not None
+            and init_args.get("dirpath")
+        ):
+            folders.append(Path(str(init_args.dirpath)))
+    return folders
+
+
+def _names_a_checkpoint_callback(callback: Any) -> bool:
+    """Whether a callback config names a ``ModelCheckpoint`` (``LastCheckpoint`` ...)."""
+    cls = import_class(str(getattr(callback, "class_path", "")))
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)

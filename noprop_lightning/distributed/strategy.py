@@ -20,7 +20,7 @@ without the DDP wrapper. The ``W`` ranks form a 2-D
   it after one all-reduce (sum over the world, mean over replicas) of its gradients, to
   which group 0 adds ``CE + KL`` and every rank its blocks' share of the mean denoising
   loss. Per training step the only other collective is the NaN/inf and stop-signal check
-  (one integer, :mod:`~noprop_lightning.distributed.stopping`).
+  (one integer, :mod:`~noprop_lightning.stopping`).
 - Checkpoints hold all ``T + 1`` optimizer states in the canonical order, gathered from the
   owners (replica 0 of each group), so a checkpoint written by N ranks loads in one process
   and resumes on any layout.

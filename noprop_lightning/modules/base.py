@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from torchmetrics.classification import MulticlassAccuracy
 
-from noprop_lightning.distributed.stopping import STOP
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.guards import (
     SHAPE_NAMES,
@@ -20,6 +18,7 @@ from noprop_lightning.modules.guards import (
     check_datamodule_matches,
     check_images,
     check_labels,
+    warn_unportable_classes,
 )
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
@@ -29,34 +28,16 @@ from noprop_lightning.modules.optim import (
     scheduler_config,
 )
 from noprop_lightning.modules.resume import ResumeHooks
+from noprop_lightning.modules.training_control import TrainingControl
 from noprop_lightning.objectives.streams import stream_seed
 from noprop_lightning.settings import Settings, check_int
+from noprop_lightning.stopping import STOP
 
 #: Stream keys of the evaluation stages (distinct from any block index).
 EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
 
 
-@contextmanager
-def uncounted_step(optimizer: LightningOptimizer) -> Iterator[None]:
-    """Within this context ``optimizer.step()`` does not advance Lightning's step counter.
-
-    Lightning's manual-optimization loop hands each ``LightningOptimizer`` the two hooks
-    that count a step (``_on_before_step`` / ``_on_after_step``) at every batch; they are
-    swapped for no-ops here and put back after.
-    """
-    hooks = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = _no_op
-    try:
-        yield
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = hooks
-
-
-def _no_op() -> None:
-    return None
-
-
-class ClassifierModule(ResumeHooks, L.LightningModule):
+class ClassifierModule(TrainingControl, ResumeHooks, L.LightningModule):
     """Base class: optimizers and schedulers, metrics, logging, validation/test/predict steps.
 
     Subclasses supply the networks and three things:
@@ -132,6 +113,10 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
         optimizers = [
             build_optimizer(self.optimizer_factory, g.params, g.owner, g.tag) for g in groups
         ]
+        if self._learning_rate is not None:  # set by lr_find, or by hand: every optimizer
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self._learning_rate
         self.remember_optimizer_settings(optimizers)
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
@@ -147,6 +132,26 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
         if len(optimizers) == 1:
             return {"optimizer": optimizers[0], "lr_scheduler": configs[0]}
         return optimizers, configs
+
+    _learning_rate: float | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate of every optimizer (Lightning's ``Tuner.lr_find`` reads and sets it).
+
+        The factory's, unless assigned: then every optimizer a fit builds uses it (all T + 1).
+        """
+        if self._learning_rate is not None:
+            return self._learning_rate
+        probe = build_optimizer(self.optimizer_factory, [torch.nn.Parameter(torch.zeros(1))])
+        return float(probe.param_groups[0]["lr"])
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        value = float(value)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigurationError(f"learning_rate must be a finite number > 0, got {value}")
+        self._learning_rate = value
 
     def optimizer_list(self) -> list:
         """``self.optimizers()`` as a list (Lightning returns a bare object when there is one)."""
@@ -239,59 +244,11 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
             self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_start(self) -> None:
-        """Drop the sanity check's validation state; apply changed settings on resume.
-
-        From here on SIGINT/SIGTERM stop every rank together at a batch end (see
-        :mod:`noprop_lightning.distributed.stopping`).
-        """
-        STOP.install(self.trainer)
+        """Drop the sanity check's validation state; apply changed settings on resume."""
+        super().on_train_start()
         self.val_acc.reset()
         if self.trainer.ckpt_path is not None:
             self.apply_changed_optimizer_settings()
-
-    def on_validation_start(self) -> None:
-        """In a fit, the stop path covers the sanity check too (before ``on_train_start``).
-
-        In ``validate`` a signal stops at once (nothing to save).
-        """
-        if self._trainer is None:
-            return
-        if self.trainer.sanity_checking:
-            STOP.install(self.trainer)
-        elif self.trainer.state.fn != "fit":
-            STOP.reset()
-            STOP.install(self.trainer, at_once=True)
-
-    def on_predict_start(self) -> None:
-        """In ``predict`` a signal stops at once (nothing to save)."""
-        if self._trainer is not None:
-            STOP.reset()
-            STOP.install(self.trainer, at_once=True)
-
-    def on_train_end(self) -> None:
-        """A signal received after the last training batch still stops every rank."""
-        STOP.stop_if_signalled(self.trainer)
-
-    def teardown(self, stage: str) -> None:
-        """Give SIGINT/SIGTERM back to the handlers found when fitting started."""
-        STOP.restore()
-
-    def step_optimizers(self, optimizers: Sequence[LightningOptimizer]) -> None:
-        """Step ``optimizers`` in order; together they advance ``global_step`` by one.
-
-        Under manual optimization Lightning counts every ``optimizer.step()`` as a global
-        step, so a NoProp-DT batch would count ``T + 1`` (and each ``block_parallel`` rank
-        its own number). Steps mean training batches instead, as for backprop and in one
-        process or many: ``max_steps``, ``val_check_interval``, ``every_n_train_steps`` and
-        ``log_every_n_steps`` count batches, and checkpoints do not depend on the layout.
-        Only the last step of the batch is counted (``global_step`` moves once the whole
-        batch has stepped).
-        """
-        *uncounted, counted = optimizers
-        for optimizer in uncounted:
-            with uncounted_step(optimizer):
-                optimizer.step()
-        counted.step()
 
     # ------------------------------------------------------------------ inference
     #: The random stream of stochastic inference during a validation, test or predict epoch
@@ -375,6 +332,7 @@ class ClassifierModule(ResumeHooks, L.LightningModule):
         """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
         STOP.reset()  # signals of an earlier fit in this process are done with
         check_datamodule_matches(self._trainer, self.shape_values())
+        warn_unportable_classes(self.hparams)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if getattr(datamodule, "batch_size", None) == 1:
             check_batch_size(self, 1, "batch_size of the data module")

@@ -11,11 +11,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from noprop_lightning.callbacks.last import LastCheckpoint
-from noprop_lightning.distributed.stopping import STOP
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding
+from noprop_lightning.stopping import STOP
 
 #: The sizes a model and its data must agree on (the CLI links them from the data module).
 SHAPE_NAMES = ("num_classes", "in_channels", "image_size")
@@ -110,7 +111,7 @@ def check_finite_losses(
     """Stop training if any loss is NaN or infinite (on any process); agree on signals.
 
     The one collective every rank makes in every training batch: it also tells every rank
-    whether any was sent SIGINT/SIGTERM (see :mod:`noprop_lightning.distributed.stopping`).
+    whether any was sent SIGINT/SIGTERM (see :mod:`noprop_lightning.stopping`).
 
     Call it after the losses (and backward) but *before* the optimizer steps, so the
     weights are still those of the last good step and no checkpoint is overwritten.
@@ -192,3 +193,28 @@ def init_prototypes_from_data(
     embedding.init_prototypes(*datamodule.class_examples())
     if head is not None:
         head.reset_from_embedding(embedding)
+
+
+def warn_unportable_classes(hparams: Mapping[str, Any]) -> None:
+    """Warn (once per fit) about classes of the running script named in the hyper-parameters.
+
+    A custom encoder defined in the training script is stored as ``__main__.MyEncoder``:
+    the checkpoint then loads only in a process whose ``__main__`` defines it the same way.
+    """
+    found = sorted(set(_main_paths(hparams)))
+    if found:
+        rank_zero_warn(
+            f"{', '.join(found)} is defined in the script being run (__main__): checkpoints of "
+            "this run will load only where that script's definitions exist. Move the class "
+            "into an importable module (e.g. my_encoders.py) and import it in the script."
+        )
+
+
+def _main_paths(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value.startswith("__main__.") else []
+    if isinstance(value, Mapping):
+        return [path for item in value.values() for path in _main_paths(item)]
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in _main_paths(item)]
+    return []

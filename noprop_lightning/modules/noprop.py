@@ -234,20 +234,31 @@ class NoPropModule(BlockwiseModule):
         Lightning's ``manual_backward``, or plain autograd when the executor calls this from
         several threads at once (Lightning's hooks and gradient scaler are not thread-safe).
         """
+        loss = loss / self.accumulate_grad_batches  # x / 1 is x, bit for bit
         if self.executor.concurrent_backward:
             torch.autograd.backward(loss)
         else:
             self.manual_backward(loss)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Update the selected blocks and the head, each with its own optimizer."""
+        """Update the selected blocks and the head, each with its own optimizer.
+
+        Honours ``gradient_clip_val`` (per optimizer: a block's norm) and
+        ``accumulate_grad_batches`` on every execution path and layout (see
+        :class:`~noprop_lightning.modules.training_control.TrainingControl`).
+        """
         x, y = self.unpack(batch, batch_idx)
         optimizers = self.optimizer_list()
         block_ids = self.select_blocks()
         streams = self.next_streams()
         block_noise, final_noise = self.draw_noise(len(y), streams)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        # accumulate_grad_batches N: gradients of N batches add up (each loss / N), then
+        # every optimizer steps once (and the last, shorter group of an epoch as well).
+        accumulate = self.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+        steps_now = self.steps_after(batch_idx)
         # The embedding sees the mean over the blocks updated on this batch, in every process
         # together: 1/T with block_order 'all' (whichever blocks this process trains).
         scale = 1.0 / (self.num_blocks if self.block_order == "all" else 1)
@@ -263,25 +274,30 @@ class NoPropModule(BlockwiseModule):
         if head and not one_backward:
             # First: the shared gradient then sums in the same order however the blocks are
             # spread (head, then blocks in order), so block_parallel matches one process.
-            self.manual_backward(attached)
+            self.manual_backward(attached / accumulate)
         backward = None if one_backward else self.block_backward
         block_losses = self.executor.run(self.blocks, self.objective, step, block_ids, backward)
         if one_backward:
-            self.manual_backward(block_losses.sum() + attached)
+            summed = block_losses.sum() + attached
+            self.manual_backward(summed / accumulate)
             block_losses = block_losses.detach()
         # Before any step: a NaN must not reach the weights (or, later, a checkpoint).
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
         names = {"loss_head": "head cross-entropy", "kl": "KL"}
         terms = {names[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
-        # Replicas of a block group average their gradients; a learned embedding sums its
-        # own over every rank (block_parallel; nothing to do in one process or under DDP).
-        plan.synchronize_gradients(
-            [p for t in block_ids for p in self.blocks[t].parameters()],
-            self.shared_parameters() if self.layout.shared else [],
-        )
-        stepped = [optimizers[self.layout.optimizer_index(t)] for t in block_ids]
-        self.step_optimizers(stepped + ([optimizers[-1]] if self.layout.shared else []))
+        if steps_now:
+            # Replicas of a block group average their gradients; a learned embedding sums
+            # its own over every rank (block_parallel; nothing to do in one process or DDP).
+            plan.synchronize_gradients(
+                [p for t in block_ids for p in self.blocks[t].parameters()],
+                self.shared_parameters() if self.layout.shared else [],
+            )
+            stepped = [optimizers[self.layout.optimizer_index(t)] for t in block_ids]
+            stepped += [optimizers[-1]] if self.layout.shared else []
+            for opt in stepped:  # each block's own gradient norm (trainer's gradient_clip_val)
+                self.clip_gradients_of(opt)
+            self.step_optimizers(stepped)
 
         by_block = dict(zip(block_ids, block_losses, strict=True))
         total = block_losses.sum() + attached.detach()
@@ -296,6 +312,11 @@ class NoPropModule(BlockwiseModule):
     def on_fit_start(self) -> None:
         """Refuse a gradient scaler when block losses are back-propagated in worker threads."""
         super().on_fit_start()
+        if self.accumulate_grad_batches > 1 and self.block_order == "random":
+            raise ConfigurationError(
+                "accumulate_grad_batches > 1 needs block_order='all': with 'random' each batch "
+                "of a group would train another block"
+            )
         if self.executor.concurrent_backward and self.plan.backward == "per_block":
             refuse_gradient_scaler(
                 self._trainer,

@@ -170,7 +170,19 @@ def import_encoder(path: str) -> EncoderFactory:
         )
     try:
         return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as err:
+    except AttributeError as err:
+        if module_name == "__main__":
+            raise ConfigurationError(
+                f"the encoder {path!r} was defined in the script that trained the model, and "
+                "this process's script does not define it: move the class into an importable "
+                "module (e.g. my_encoders.py), or pass it again when loading: "
+                "load_from_checkpoint(path, network={'encoder': MyEncoder, ...})"
+            ) from err
+        raise ConfigurationError(
+            f"the encoder {path!r} cannot be imported ({type(err).__name__}: {err}): check the "
+            "spelling, and that its package is installed or on PYTHONPATH"
+        ) from err
+    except ImportError as err:
         raise ConfigurationError(
             f"the encoder {path!r} cannot be imported ({type(err).__name__}: {err}): check the "
             "spelling, and that its package is installed or on PYTHONPATH"
