@@ -21,19 +21,18 @@ block saw the same embedding as in one joint run.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.callbacks.checkpoint import flatten_mapping
 from noprop_lightning.cli.checkpoints import read_checkpoint_header
 from noprop_lightning.distributed.layout import LAYOUT_KEY, BlockLayout, merge_views
-from noprop_lightning.errors import CheckpointError, exit_status
+from noprop_lightning.errors import CheckpointError, ConfigurationError, exit_status
 from noprop_lightning.modules.blockwise import STREAMS_KEY
 
 #: Hyper-parameters that may differ between jobs (how each ran, not what it trained).
@@ -139,17 +138,37 @@ def _check_shared_embedding(names: Sequence[str], checkpoints: Sequence[Mapping[
 
 
 def save_atomically(checkpoint: Mapping[str, Any], path: str | Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(dict(checkpoint), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``checkpoint`` whole or not at all (the package's :class:`AtomicCheckpointIO`).
+
+    Raises:
+        CheckpointError: A full disk or a folder that cannot be written (one clear message).
+    """
+    AtomicCheckpointIO().save_checkpoint(dict(checkpoint), Path(path))
+
+
+def check_output(out: str | Path, inputs: Sequence[str | Path], force: bool) -> None:
+    """Refuse to write the merged model over one of the jobs' checkpoints, or over a file.
+
+    Raises:
+        ConfigurationError: ``out`` is one of ``inputs`` (its job would later resume from the
+            merged model without a word), or exists and ``force`` is false, or is a folder.
+    """
+    target = Path(out)
+    for given in inputs:
+        if target.resolve() == Path(given).resolve() or (
+            target.exists() and Path(given).exists() and target.samefile(given)
+        ):
+            raise ConfigurationError(
+                f"--out {out} is one of the checkpoints being merged: writing the merged model "
+                "there would replace that job's own state (a later --ckpt_path last of the "
+                "job would resume from the merged model). Choose another --out"
+            )
+    if target.is_dir():
+        raise ConfigurationError(f"--out {out} is a folder: give the file to write")
+    if target.exists() and not force:
+        raise ConfigurationError(
+            f"--out {out} already exists: choose another name, or pass --force to replace it"
+        )
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -161,9 +180,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     )
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="job checkpoints")
     parser.add_argument("--out", required=True, help="the merged checkpoint to write")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (never an input)"
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:
+        check_output(args.out, args.checkpoints, args.force)
         merged = merge_checkpoints(args.checkpoints)
         save_atomically(merged, args.out)
         print(f"merged {len(args.checkpoints)} checkpoints into {args.out}")

@@ -7,6 +7,7 @@ package calls the same code.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -151,6 +152,16 @@ def _where_the_state_is(trainer: L.Trainer | None) -> str:
     callbacks = trainer.callbacks if trainer is not None else []
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if last is not None and last.save_on_exception and last.path:
+        if not last._should_save_on_exception(trainer):  # nothing new to save at this step
+            if trainer is not None and trainer.global_step == 0 and not Path(last.path).exists():
+                return (
+                    "Nothing was saved: no batch had stepped yet, so the weights are the "
+                    "initial ones (no checkpoint to resume from)."
+                )
+            return (
+                f"{last.path} already holds the state before this step: resume from it with "
+                f"--ckpt_path {last.path} once the cause is fixed."
+            )
         return (
             f"The state before this step is being saved to {last.path}: resume from it with "
             f"--ckpt_path {last.path} once the cause is fixed (a learning rate changed on "

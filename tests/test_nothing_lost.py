@@ -1,0 +1,65 @@
+"""``merge`` never writes over a job's checkpoint, nor silently over any file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from noprop_lightning import NoPropModule
+from noprop_lightning.callbacks import LastCheckpoint
+from noprop_lightning.merge import main as merge_main
+from tests.helpers import TINY, tiny_loader, tiny_trainer
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """Two one-process jobs of a T=2 model: block 0 + head, and block 1."""
+    root = tmp_path_factory.mktemp("jobs")
+    paths = []
+    for name, execution in (("a", {"train_blocks": [0]}),
+                            ("b", {"train_blocks": [1], "train_head": False})):  # fmt: skip
+        torch.manual_seed(0)
+        module = NoPropModule(**TINY, num_blocks=2, execution=execution)
+        trainer = tiny_trainer(root, max_epochs=1, enable_checkpointing=True,
+                               callbacks=[LastCheckpoint(dirpath=root / name)])  # fmt: skip
+        trainer.fit(module, tiny_loader(n=16), tiny_loader(n=8, seed=1))
+        paths.append(root / name / "last.ckpt")
+    return paths
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_is_untouched(jobs, capsys):
+    before = jobs[0].read_bytes()
+    for out in (str(jobs[0]), str(jobs[0].parent / ".." / jobs[0].parent.name / "last.ckpt")):
+        assert merge_main([*map(str, jobs), "--out", out, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert "is one of the checkpoints being merged" in err and "Traceback" not in err
+    assert jobs[0].read_bytes() == before
+
+
+def test_an_existing_output_needs_force_and_is_written_atomically(jobs, tmp_path, capsys):
+    out = tmp_path / "merged.ckpt"
+    out.write_bytes(b"something the user keeps")
+    assert merge_main([*map(str, jobs), "--out", str(out)]) == 2
+    assert "already exists: choose another name, or pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"something the user keeps"
+    assert merge_main([*map(str, jobs), "--out", str(out), "--force"]) == 0
+    assert len(torch.load(out, weights_only=True)["optimizer_states"]) == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert merge_main([*map(str, jobs), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_nan_at_the_first_batch_says_that_nothing_was_saved(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from noprop_lightning.errors import TrainingDivergedError
+    from tests.helpers import tiny_batch
+
+    x, y = tiny_batch(16)
+    x[0, 0, 0, 0] = float("nan")
+    trainer = tiny_trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+                           callbacks=[LastCheckpoint(dirpath=tmp_path / "ckpt")])  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match="Nothing was saved: no batch had stepped"):
+        trainer.fit(NoPropModule(**TINY, num_blocks=2), DataLoader(TensorDataset(x, y), 8),
+                    tiny_loader(n=8, seed=1))  # fmt: skip
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
