@@ -235,6 +235,8 @@ def test_more_ranks_than_blocks_is_a_clear_cli_error(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and "T=1 blocks were to be split over 2 processes" in errors[0]
+    assert len(errors) == 1  # refused before the ranks start, not once per rank
+    assert "Initializing distributed" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -63,3 +63,15 @@ def test_a_nan_at_the_first_batch_says_that_nothing_was_saved(tmp_path):
         trainer.fit(NoPropModule(**TINY, num_blocks=2), DataLoader(TensorDataset(x, y), 8),
                     tiny_loader(n=8, seed=1))  # fmt: skip
     assert not (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_a_fit_of_zero_epochs_warns_that_the_test_sees_initial_weights(tmp_path, monkeypatch,
+                                                                       capsys):  # fmt: skip
+    from noprop_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", "quickstart", "--model.init_args.num_blocks", "2"]
+    args += ["--trainer.max_epochs", "0", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.logger", "false", "--trainer.limit_test_batches", "1"]
+    main(args)
+    assert "warning: fit trained no batch" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from noprop_lightning.cli.checkpoints import (
 from noprop_lightning.cli.configs import NamedConfigFile
 from noprop_lightning.cli.errors import (
     check_accelerator,
+    check_block_groups,
     condense_parser_message,
     find_user_error,
     raised_by_lightning,
@@ -184,6 +185,7 @@ class NoPropCLI(LightningCLI):
         callbacks = trainer.get("callbacks") if trainer is not None else None
         if trainer is not None:
             check_accelerator(trainer.get("accelerator"))
+            check_block_groups(trainer, self._model_config())
             names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
             added = []
             if trainer.get("enable_progress_bar") is not False:
@@ -242,6 +244,9 @@ class NoPropCLI(LightningCLI):
             return
         if self.trainer.interrupted:
             return
+        if self.trainer.global_step == 0:
+            print("warning: fit trained no batch (max_epochs 0 or max_steps 0?): the test "
+                  "after fit evaluates the initial weights", file=sys.stderr)  # fmt: skip
         best = [
             c.best_model_path
             for c in self.trainer.checkpoint_callbacks

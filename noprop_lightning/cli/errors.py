@@ -8,11 +8,13 @@ import importlib.util
 import inspect
 import re
 import typing
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 
 from noprop_lightning.cli.checkpoints import import_class
+from noprop_lightning.distributed import STRATEGY_NAME, BlockParallelStrategy
 from noprop_lightning.errors import ConfigurationError, NoPropUserError
 
 #: Accelerator names and how to tell whether this machine has one.
@@ -179,3 +181,38 @@ def _optimizer_hint(message: str) -> str:
                 f"e.g. {here} torch.optim.SGD --{here[2:]}.init_args.lr 0.01"
             ) + ")"
     return ""
+
+
+def check_block_groups(trainer: Any, model: Any) -> None:
+    """Refuse ``block_parallel`` with more block groups than blocks before any rank starts.
+
+    Otherwise every rank would start, set up, and stop with the same error.
+
+    Raises:
+        ConfigurationError: ``devices x num_nodes / replicas`` exceeds ``num_blocks``.
+    """
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        if strategy != STRATEGY_NAME:
+            return
+    else:
+        cls = import_class(str(getattr(strategy, "class_path", "")))
+        if not (isinstance(cls, type) and issubclass(cls, BlockParallelStrategy)):
+            return
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    init = getattr(strategy, "init_args", None)
+    replicas = int(init.get("replicas", 1) or 1) if init is not None else 1
+    blocks = model.get("init_args", {}).get("num_blocks") if model is not None else None
+    if not isinstance(devices, int) or not isinstance(blocks, int):
+        return  # "auto" or a list of devices: the strategy checks once the ranks are known
+    groups = devices * int(nodes) // replicas
+    if groups > blocks:
+        over = f"{groups} processes" if replicas == 1 else f"{groups} block groups"
+        raise ConfigurationError(
+            f"block_parallel needs at least one block per block group, but T={blocks} blocks "
+            f"were to be split over {over} ({devices} devices x {nodes} nodes / {replicas} "
+            f"replicas): use at most {blocks * replicas} processes, more replicas, or more "
+            "blocks (--model.init_args.num_blocks)"
+        )
