@@ -75,3 +75,25 @@ def test_a_fit_of_zero_epochs_warns_that_the_test_sees_initial_weights(tmp_path,
     args += ["--trainer.logger", "false", "--trainer.limit_test_batches", "1"]
     main(args)
     assert "warning: fit trained no batch" in capsys.readouterr().err
+
+
+def test_the_numba_losses_of_an_empty_batch_are_nan_like_torch():
+    from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
+    from noprop_lightning.schedules.ops import TorchDiffusionOps
+
+    u, uhat, weights = torch.zeros(0, 5), torch.zeros(3, 0, 5), torch.ones(3)
+    ours = NumbaDiffusionOps().denoising_losses(uhat, u, weights)
+    theirs = TorchDiffusionOps().denoising_losses(uhat, u, weights)
+    assert ours.shape == theirs.shape == (3,) and ours.isnan().all() and theirs.isnan().all()
+
+
+def test_a_head_only_job_trains_the_head_and_no_block(tmp_path):
+    torch.manual_seed(0)
+    module = NoPropModule(**TINY, num_blocks=2, execution={"train_blocks": []})
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, tiny_loader(n=16), tiny_loader(n=8, seed=1))
+    assert len(trainer.optimizers) == 1 and trainer.global_step == 2
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("objective.head.") for k in changed), changed

@@ -254,11 +254,9 @@ class NoPropModule(BlockwiseModule):
         block_noise, final_noise = self.draw_noise(len(y), streams)
         # accumulate_grad_batches N: gradients of N batches add up (each loss / N), then
         # every optimizer steps once (and the last, shorter group of an epoch as well).
-        accumulate = self.accumulate_grad_batches
-        if batch_idx % accumulate == 0:
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-        steps_now = self.steps_after(batch_idx)
+        accumulate, steps_now = self.accumulate_grad_batches, self.steps_after(batch_idx)
+        for opt in optimizers if batch_idx % accumulate == 0 else []:
+            opt.zero_grad(set_to_none=True)
         # The embedding sees the mean over the blocks updated on this batch, in every process
         # together: 1/T with block_order 'all' (whichever blocks this process trains).
         scale = 1.0 / (self.num_blocks if self.block_order == "all" else 1)
@@ -266,7 +264,7 @@ class NoPropModule(BlockwiseModule):
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
         plan = self.plan
-        one_backward = plan.backward == "summed"
+        one_backward, backward = plan.backward == "summed", self.block_backward
         head = {}
         if self.layout.head_loss:
             head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
@@ -275,20 +273,22 @@ class NoPropModule(BlockwiseModule):
             # First: the shared gradient then sums in the same order however the blocks are
             # spread (head, then blocks in order), so block_parallel matches one process.
             self.manual_backward(attached / accumulate)
-        backward = None if one_backward else self.block_backward
-        block_losses = self.executor.run(self.blocks, self.objective, step, block_ids, backward)
+        block_losses = (  # none in a head-only job (execution.train_blocks: [])
+            self.executor.run(
+                self.blocks, self.objective, step, block_ids, None if one_backward else backward
+            )
+            if block_ids
+            else torch.zeros(0, device=self.device)
+        )
         if one_backward:
-            summed = block_losses.sum() + attached
-            self.manual_backward(summed / accumulate)
+            self.manual_backward((block_losses.sum() + attached) / accumulate)
             block_losses = block_losses.detach()
         # Before any step: a NaN must not reach the weights (or, later, a checkpoint).
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
-        names = {"loss_head": "head cross-entropy", "kl": "KL"}
-        terms = {names[k]: v for k, v in head.items()}
+        terms = {{"loss_head": "head cross-entropy", "kl": "KL"}[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
         if steps_now:
-            # Replicas of a block group average their gradients; a learned embedding sums
-            # its own over every rank (block_parallel; nothing to do in one process or DDP).
+            # block_parallel: replicas average gradients, a learned embedding sums over ranks.
             plan.synchronize_gradients(
                 [p for t in block_ids for p in self.blocks[t].parameters()],
                 self.shared_parameters() if self.layout.shared else [],

@@ -124,10 +124,16 @@ class NumbaDiffusionOps:
     def denoising_losses(
         self, uhat: torch.Tensor, u: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`."""
+        """See :meth:`~noprop_lightning.schedules.DiffusionOps.denoising_losses`.
+
+        An empty batch gives NaN losses, as torch's mean over no sample does (the kernel
+        would divide by zero).
+        """
         dtype = _check_inputs("denoising_losses", u, uhat, weights)
         if uhat.dim() < 2 or uhat.shape[1:] != u.shape or weights.shape != uhat.shape[:1]:
             raise calls.shape_error("denoising_losses", uhat, u, weights)
+        if uhat.shape[1] == 0:
+            return weights * uhat.new_full(weights.shape, float("nan"))
         if weights.requires_grad and torch.is_grad_enabled():
             _refuse_grad("denoising_losses", weights=weights)
         args = (calls.ready(uhat, dtype), calls.ready(u, dtype), calls.ready(weights, dtype))
