@@ -126,3 +126,11 @@ def test_backprop_clips_fused_adamw_under_bf16():
     trainer = tiny_trainer(max_steps=2, precision="bf16-mixed", gradient_clip_val=0.5)
     trainer.fit(module, tiny_loader(n=16), VAL)
     assert trainer.global_step == 2
+
+
+def test_swa_works_with_backprop_as_the_refusal_says():
+    module = BackpropModule(**TINY, num_blocks=2)
+    swa = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=1)
+    trainer = tiny_trainer(callbacks=[swa], max_epochs=2)
+    trainer.fit(module, tiny_loader(n=16), VAL)
+    assert trainer.state.finished and swa.n_averaged is not None and int(swa.n_averaged) >= 1
