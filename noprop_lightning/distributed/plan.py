@@ -89,8 +89,11 @@ class TrainingPlan:
           blocks' share of the mean denoising loss; group 0 the head's ``CE + KL``), then
           divided by ``r``.
 
-        Nothing is sent with one replica and a fixed embedding.
+        Nothing is sent with one replica and a fixed embedding, nor under DDP (``"summed"``
+        backward), whose reducer has averaged every gradient already.
         """
+        if self.backward == "summed":
+            return
         local = list(block_params)
         if not self.shared_over_world:
             local += list(shared_params)
