@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--clip", type=float, default=None)
     args = parser.parse_args()
     MODEL_SIZES.update(num_blocks=args.blocks)
 
@@ -179,6 +181,8 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[counter, checkpoint, memory],
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=args.clip,
     )
     trainer.fit(
         model,

@@ -123,6 +123,18 @@ def test_learned_embedding_syncs_only_the_shared_gradients(tmp_path):
         assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
 
 
+def test_clipping_and_accumulation_under_block_parallel_match_one_process(tmp_path):
+    """The trainer's gradient_clip_val and accumulate_grad_batches, honoured per block, give
+    the same weights on 2 ranks as in one process (6 batches: 3 groups of 2)."""
+    options = ["--accumulate", "2", "--clip", "0.05"]
+    run_job(tmp_path / "single", *options)
+    run_job(tmp_path / "bp", *options, *BLOCK_PARALLEL)
+    single = load(tmp_path / "single")
+    for rank in (0, 1):
+        assert equal(load(tmp_path / "bp", rank)["state_dict"], single["state_dict"]), rank
+    assert ckpt(tmp_path / "bp")["global_step"] == ckpt(tmp_path / "single")["global_step"] == 6
+
+
 def test_separate_jobs_merge_into_the_one_process_model(runs, tmp_path):
     single = load(runs / "single")
     for job, prefixes in (
