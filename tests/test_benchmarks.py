@@ -143,3 +143,37 @@ def test_scripts_keep_only_the_callbacks_that_change_training():
     assert training_callback_configs(configs["quickstart"]) == []
     layout = ChannelsLast()
     assert training_callbacks([EpochTimer(), layout, LastCheckpoint()]) == [layout]
+
+
+EXPORT = ROOT / "benchmarks" / "bench_export.py"
+
+
+def test_export_benchmark_times_every_engine_and_writes_json(tmp_path):
+    """A tiny model (T=2, 8x8 images): eager, exported and, when installed, ONNX Runtime."""
+    import importlib
+
+    out = tmp_path / "bench_export.json"
+    cmd = [sys.executable, str(EXPORT), "--blocks", "2", "--image-size", "8"]
+    cmd += ["--channels", "4", "4", "4", "--hidden", "16", "--batch", "1", "3"]
+    cmd += ["--rounds", "2", "--repeats", "1", "--warmup", "1", "--threads", "1"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ms / batch" in done.stdout
+    result = json.loads(out.read_text())
+    engines = ["eager", "exported"]
+    try:
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            importlib.import_module(name)
+    except ImportError:
+        assert result["onnxruntime"] is None
+    else:
+        engines.append("onnxruntime")
+    assert result["model"]["num_blocks"] == 2 and result["torch_threads"] == 1
+    assert set(result["export_s"]) == set(engines[1:])
+    rows = {(row["engine"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {(engine, batch) for engine in engines for batch in (1, 3)}
+    for (engine, batch), row in rows.items():
+        assert row["calls"] == 2 and 0 < row["min_ms"] <= row["median_ms"]
+        assert row["images_per_s"] == pytest.approx(batch / row["median_ms"] * 1e3)
+        # The exported program is bit-identical to the module; ONNX Runtime within rounding.
+        assert row["max_abs_diff_vs_eager"] <= (1e-4 if engine == "onnxruntime" else 0.0)

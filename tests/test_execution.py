@@ -5,9 +5,11 @@ Tolerances: the equality tests run in float64 (Lightning ``precision="64-true"``
 gradient entry (see :func:`assert_same_grads`), and parameters after AdamW steps use
 ``atol=1e-6`` (see the multi-step test). In float64 the paths differ only by the order of
 floating-point sums (grouped convolutions, batched matmuls), about 1e-15 relative. A float32
-test uses ``rtol=1e-4, atol=1e-6`` (one SGD step). All equality tests use ``dropout=0``: the
-fused path draws dropout masks from a different random stream (``vmap(randomness=
-"different")``) and the threaded path draws them in thread order.
+test uses ``rtol=1e-4, atol=1e-6`` (one SGD step). The equality tests over every path use
+``dropout=0``: the fused path draws dropout masks from a different random stream
+(``vmap(randomness="different")``). The threaded path draws each block's masks from the
+block's own generator, and equals the sequential path with dropout on, bit for bit (the
+dropout tests at the end).
 """
 
 from __future__ import annotations
@@ -514,3 +516,41 @@ def test_cuda_paths_match_sequential(execution, options):
     torch.cuda.synchronize()
     torch.testing.assert_close(losses, ref_losses, rtol=RTOL, atol=ATOL)
     assert_same_grads(module, reference)
+
+
+# ---------------------------------------------------------------------- dropout streams
+def test_threaded_dropout_masks_are_each_blocks_own_and_match_sequential():
+    """With dropout > 0, worker threads draw each block's masks from its own generator: the
+    threaded path equals the sequential one bit for bit, whatever order the threads run."""
+    from noprop_lightning.objectives import BlockStreams
+
+    torch.manual_seed(0)
+    reference = make(num_blocks=4, network=tiny_network(dropout=0.3)).double()
+    x, y = tiny_batch()
+    x = x.double()
+    noise = torch.randn(4, len(y), reference.embed_dim, dtype=torch.float64)
+    results = []
+    for mode in ("sequential", "threaded", "threaded"):
+        module = copy.deepcopy(reference)
+        batch = DTBatch(x, y, noise, streams=BlockStreams(seed=7, step=3))
+        losses = build_executor(mode).run(
+            module.blocks, module.objective, batch, range(4), torch.autograd.backward
+        )
+        results.append((losses, [p.grad for p in module.parameters() if p.grad is not None]))
+    (ref_losses, ref_grads), *others = results
+    for losses, grads in others:
+        assert torch.equal(losses, ref_losses)
+        assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+    # The masks matter: without dropout the losses differ.
+    plain = copy.deepcopy(reference).eval()
+    assert not torch.equal(run_once(plain, plain.executor, x, y, noise), ref_losses)
+
+
+def test_two_threaded_fits_with_dropout_give_the_same_weights(tmp_path):
+    states = []
+    for _ in range(2):
+        L.seed_everything(3, verbose=False)
+        module = make(network=tiny_network(dropout=0.3), execution={"mode": "threaded"})
+        tiny_trainer(tmp_path, max_epochs=2).fit(module, tiny_loader(n=32), tiny_loader(8, seed=1))
+        states.append(module.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

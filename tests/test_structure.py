@@ -37,6 +37,7 @@ FLOORS = {
     "modules": 5,
     "diffusion": 6,  # the pre-0.2 names, re-exported
     "cli": 6,
+    "export": 6,  # torch.export / ONNX of a trained module's inference
     "compare": 7,
     "merge": 7,
     "__init__": 8,

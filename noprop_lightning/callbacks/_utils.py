@@ -58,10 +58,11 @@ def log_scalars(pl_module: L.LightningModule, values: dict[str, float], stage: s
 
     Straight to the loggers, at the step and with the ``epoch`` value Lightning uses for its
     own epoch-level metrics of ``stage`` (``"train"``: the epoch's last step), not through
-    ``LightningModule.log``: measurements of the run (times, memory) then stay out of
-    ``callback_metrics``, out of the printed test table and out of the dict
-    ``trainer.test()`` returns, which hold the evaluation metrics only. Every rank may call
-    this; the loggers write on rank 0.
+    ``LightningModule.log``: measurements of the run (times, memory) then stay out of the
+    printed test table and out of the dict ``trainer.test()`` returns, which hold the
+    evaluation metrics only. (The callbacks also put them in ``callback_metrics`` themselves,
+    so ``EarlyStopping`` and ``ModelCheckpoint`` can watch them.) Every rank may call this;
+    the loggers write on rank 0.
     """
     trainer = pl_module.trainer
     if not values or not trainer.loggers:

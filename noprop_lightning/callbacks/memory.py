@@ -120,6 +120,11 @@ class PeakMemoryMonitor(Callback):
     measured and logged as ``val``). Under DDP every value is the maximum over ranks. Works
     with any LightningModule.
 
+    The values go to the loggers and into ``trainer.callback_metrics`` (the same on every
+    rank), so ``EarlyStopping`` / ``ModelCheckpoint`` can watch them (e.g.
+    ``monitor="memory/train_peak_rss_mib"``); they stay out of ``trainer.validate()`` /
+    ``trainer.test()``'s returned dicts and printed tables.
+
     Per-training-epoch records (MiB, after reduction) are kept in :attr:`history`, a list of
     dicts with keys ``epoch``, ``peak_rss_mib`` and on CUDA ``peak_allocated_mib`` and
     ``peak_reserved_mib``.
@@ -178,6 +183,10 @@ class PeakMemoryMonitor(Callback):
         peaks = reduce_across_ranks(trainer, pl_module, peaks, op="max")
         values = {f"memory/{stage}_{k}": v for k, v in peaks.items()}
         log_scalars(pl_module, values, stage)
+        # Also where EarlyStopping / ModelCheckpoint look (not through LightningModule.log:
+        # that would log them a second time and put them in trainer.test()'s results).
+        for key, value in values.items():
+            trainer.callback_metrics[key] = torch.tensor(value, device=pl_module.device)
         self.logged.update(values)
         return peaks
 

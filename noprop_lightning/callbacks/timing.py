@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from noprop_lightning.callbacks._utils import (
@@ -61,6 +62,15 @@ class EpochTimer(Callback):
     sample (``sample_copies``, e.g. ``block_parallel``: one rank per block group) the sum is
     divided by that number. Works with any LightningModule: nothing here depends on this
     package's modules.
+
+    The values go to the loggers and into ``trainer.callback_metrics`` (the same, reduced
+    value on every rank), so ``EarlyStopping(monitor="time/train_epoch_s")`` or
+    ``ModelCheckpoint(monitor="throughput/train_samples_per_s", mode="max")`` can watch
+    them. A training value exists once the epoch's training has ended: where validation
+    does not run exactly once per epoch, those callbacks check at validation end instead,
+    so give them ``save_on_train_epoch_end=True`` / ``check_on_train_epoch_end=True``. The
+    values stay out of ``trainer.validate()`` / ``trainer.test()``'s returned dicts and
+    printed tables (evaluation metrics only).
 
     Per-training-epoch records (after reduction) are kept in :attr:`history`, a list of
     dicts with keys ``epoch``, ``train_epoch_s``, ``train_samples``,
@@ -219,5 +229,9 @@ class EpochTimer(Callback):
         rate = total / seconds if seconds > 0 else 0.0
         values = {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate}
         log_scalars(pl_module, values, stage)
+        # Also where EarlyStopping / ModelCheckpoint look (not through LightningModule.log:
+        # that would log them a second time and put them in trainer.test()'s results).
+        for key, value in values.items():
+            trainer.callback_metrics[key] = torch.tensor(value, device=pl_module.device)
         self.logged.update(values)
         return seconds, total, rate

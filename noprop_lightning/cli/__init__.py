@@ -25,6 +25,7 @@ from noprop_lightning.cli.checkpoints import (
     config_wins,
     import_class,
     is_special_ckpt_path,
+    names_subclass,
     read_checkpoint_header,
 )
 from noprop_lightning.cli.configs import NamedConfigFile
@@ -200,7 +201,7 @@ class NoPropCLI(LightningCLI):
             elif callbacks:
                 # Lightning keeps summary callbacks a config lists; false means no summary.
                 callbacks = trainer.callbacks = [
-                    c for c in callbacks if not _is_subclass(c, ModelSummary)
+                    c for c in callbacks if not names_subclass(c, ModelSummary)
                 ]
             if added:
                 trainer.callbacks = callbacks = [*(callbacks or []), *added]
@@ -221,7 +222,7 @@ class NoPropCLI(LightningCLI):
         if dirpath is None or not isinstance(callbacks, list):
             return
         for callback in callbacks:
-            if _is_subclass(callback, ModelCheckpoint):  # LastCheckpoint, BestCheckpoint too
+            if names_subclass(callback, ModelCheckpoint):  # LastCheckpoint, BestCheckpoint too
                 if callback.get("init_args") is not None:
                     callback.init_args.dirpath = dirpath
 
@@ -344,9 +345,3 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
         if user_error is None:
             raise
         _exit_with(str(user_error))
-
-
-def _is_subclass(callback: Any, base: type) -> bool:
-    """Whether a callback config (``class_path``) names a subclass of ``base``."""
-    cls = import_class(str(getattr(callback, "class_path", "")))
-    return isinstance(cls, type) and issubclass(cls, base)

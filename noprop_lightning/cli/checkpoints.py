@@ -128,6 +128,12 @@ def import_class(class_path: str) -> type | None:
         return None
 
 
+def names_subclass(config: Any, base: type) -> bool:
+    """Whether a class config (``class_path``: a callback, a strategy) names a ``base``."""
+    cls = import_class(str(getattr(config, "class_path", "")))
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
 def check_model_against_checkpoint(
     ckpt_path: str, saved: Mapping[str, Any], model_config: Any
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
-from noprop_lightning.cli.checkpoints import import_class
+from noprop_lightning.cli.checkpoints import import_class, names_subclass
 from noprop_lightning.distributed import STRATEGY_NAME, BlockParallelStrategy
 from noprop_lightning.errors import ConfigurationError, NoPropUserError
 
@@ -195,10 +195,8 @@ def check_block_groups(trainer: Any, model: Any) -> None:
     if isinstance(strategy, str):
         if strategy != STRATEGY_NAME:
             return
-    else:
-        cls = import_class(str(getattr(strategy, "class_path", "")))
-        if not (isinstance(cls, type) and issubclass(cls, BlockParallelStrategy)):
-            return
+    elif not names_subclass(strategy, BlockParallelStrategy):
+        return
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)

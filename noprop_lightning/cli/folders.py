@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from noprop_lightning.cli.checkpoints import (
     describe_progress,
-    import_class,
     model_checkpoint_states,
+    names_subclass,
 )
 from noprop_lightning.distributed.elastic import Launch, current_launch, join_group
 from noprop_lightning.errors import ConfigurationError
@@ -307,15 +307,9 @@ def _checkpoint_folders(folder: Path, trainer: Any) -> list[Path]:
     for callback in trainer.get("callbacks") or []:
         init_args = callback.get("init_args") if hasattr(callback, "get") else None
         if (
-            _names_a_checkpoint_callback(callback)
+            names_subclass(callback, ModelCheckpoint)
             and init_args is not None
             and init_args.get("dirpath")
         ):
             folders.append(Path(str(init_args.dirpath)))
     return folders
-
-
-def _names_a_checkpoint_callback(callback: Any) -> bool:
-    """Whether a callback config names a ``ModelCheckpoint`` (``LastCheckpoint`` ...)."""
-    cls = import_class(str(getattr(callback, "class_path", "")))
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)

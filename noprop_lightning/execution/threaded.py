@@ -142,6 +142,7 @@ class ThreadedExecutor:
                     stream = self._worker_stream(device)
                     stream.wait_stream(caller_stream)
                     stack.enter_context(torch.cuda.stream(stream))
+                stack.enter_context(batch.block_dropout(t))  # block t's own masks
                 loss = objective.block_loss(blocks[t], t, batch)
                 if backward is not None:
                     backward(loss)

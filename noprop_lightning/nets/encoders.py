@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.nets.dropout import StreamDropout
 
 #: A factory building an image encoder from ``(in_channels, image_size, out_features)``.
 EncoderFactory = Callable[[int, int, int], nn.Module]
@@ -56,14 +57,14 @@ class ConvEncoder(nn.Module):
             nn.Conv2d(in_channels, c1, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Dropout(dropout),
+            StreamDropout(dropout),
             nn.Conv2d(c1, c2, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            StreamDropout(dropout),
             nn.Conv2d(c2, c3, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Dropout(dropout),
+            StreamDropout(dropout),
             nn.Flatten(),
         )
         spatial = image_size // 2 // 2
@@ -104,7 +105,7 @@ class MLPEncoder(nn.Module):
             nn.Flatten(),
             nn.Linear(in_channels * image_size * image_size, hidden),
             nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            StreamDropout(dropout),
             nn.Linear(hidden, out_features),
         ]
         if batch_norm:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding, denoise
+from noprop_lightning.nets.dropout import dropout_generator
 from noprop_lightning.objectives.backends import DiffusionBackend, build_diffusion_ops
 from noprop_lightning.objectives.streams import BlockStreams
 from noprop_lightning.schedules import CosineSchedule
@@ -70,10 +71,24 @@ class DTBatch(NamedTuple):
     streams: BlockStreams | None = None
 
     def block_randomness(self, t: int) -> contextlib.AbstractContextManager:
-        """The context in which block ``t``'s update draws its dropout masks."""
+        """The context in which block ``t``'s update draws its dropout masks (main thread).
+
+        The package's dropout layers draw from block ``t``'s own generator
+        (:meth:`block_dropout`); anything else random inside the block (a user encoder's
+        ``nn.Dropout``) from the global generator, seeded with block ``t``'s stream.
+        """
         if self.streams is None:
             return contextlib.nullcontext()
-        return self.streams.fork(t, self.x.device)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.streams.fork(t, self.x.device))
+        stack.enter_context(self.block_dropout(t))
+        return stack
+
+    def block_dropout(self, t: int) -> contextlib.AbstractContextManager:
+        """Block ``t``'s dropout generator for this thread (thread-safe; worker threads)."""
+        if self.streams is None:
+            return contextlib.nullcontext()
+        return dropout_generator(self.streams.dropout_generator(t, self.x.device))
 
 
 def scale_grad(tensor: torch.Tensor, scale: float) -> torch.Tensor:

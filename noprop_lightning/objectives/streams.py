@@ -6,12 +6,13 @@ if a block's randomness is its own: :class:`BlockStreams` gives block ``t`` (and
 stream ``T``) a generator seeded by ``(seed, t, step)``, whatever else runs before it.
 
 - The noisy inputs ``z_t`` come from :meth:`BlockStreams.normal`.
-- Dropout draws from torch's global generator; :meth:`BlockStreams.fork` seeds it with the
-  block's stream for the block's update and restores it afterwards, so the global stream
-  (data shuffling, inference noise) is the same whichever blocks a process trains. The
-  sequential executor forks per block; the threaded and fused executors cannot (threads share
-  the global generator, and ``vmap`` draws its own masks), so their dropout masks come from
-  the global stream.
+- Dropout: the package's dropout layers (:class:`~noprop_lightning.nets.dropout.
+  StreamDropout`) draw from block ``t``'s own dropout generator
+  (:meth:`BlockStreams.dropout_generator`), set per thread, so the sequential and the
+  threaded executors give the same masks. Anything else random inside a block (a user
+  encoder's ``nn.Dropout``) draws from torch's global generator, which the sequential
+  executor seeds with the block's stream (:meth:`BlockStreams.fork`) and restores after.
+  The fused executor (``vmap``) draws its own masks.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class BlockStreams:
         """Standard normal draws of ``shape`` from ``stream``."""
         device = torch.device("cpu") if device is None else torch.device(device)
         return torch.randn(shape, generator=self.generator(stream, device), device=device)
+
+    def dropout_generator(self, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """Block ``stream``'s dropout generator on ``device`` (independent of its noise)."""
+        return torch.Generator(device=device).manual_seed(self._seed(stream, self.step, 3))
 
     @contextlib.contextmanager
     def fork(self, stream: int, device: torch.device | None = None) -> Iterator[None]:
