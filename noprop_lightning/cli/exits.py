@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import NoReturn
 
@@ -42,7 +43,9 @@ def exit_after_stop(stop: SystemExit) -> NoReturn:
 
 def exit_lost_process(err: BaseException) -> NoReturn:
     """Another process of the run is gone: one ``error:`` line per surviving process, exit 1."""
-    cause = " ".join(str(err).split())[:200]
+    cause = " ".join(str(err).split())
+    cause = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", cause)  # gloo's source location
+    cause = cause.split(". This is typically caused")[0][:200]
     rank = getattr(rank_zero_only, "rank", 0)
     print(
         f"error: [rank {rank}] lost contact with another process of this run ({cause}); "
