@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,6 @@ from torch import nn
 
 from noprop_lightning.modules.base import ClassifierModule
 from noprop_lightning.modules.guards import SHAPE_NAMES, init_prototypes_from_data
-from noprop_lightning.modules.noprop_base import scriptable
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -173,23 +171,6 @@ class BackpropModule(ClassifierModule):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, K)``."""
         return self.net(x)
-
-    def to_torchscript(
-        self,
-        file_path: str | Path | None = None,
-        method: str | None = "script",
-        example_inputs: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Refuse ``method="script"`` clearly; ``"trace"`` is Lightning's.
-
-        See :func:`~noprop_lightning.modules.noprop_base.scriptable`.
-
-        Raises:
-            ConfigurationError: For ``method="script"`` (the default).
-        """
-        scriptable(self, method)
-        return super().to_torchscript(file_path, method, example_inputs, **kwargs)
 
     def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy on the final logits, back-propagated end to end.

@@ -28,6 +28,7 @@ from noprop_lightning.modules.optim import (
     scheduler_config,
 )
 from noprop_lightning.modules.resume import ResumeHooks
+from noprop_lightning.modules.scripting import ScriptRefusal
 from noprop_lightning.modules.training_control import TrainingControl
 from noprop_lightning.objectives.streams import stream_seed
 from noprop_lightning.settings import Settings, check_int
@@ -37,7 +38,7 @@ from noprop_lightning.stopping import STOP
 EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
 
 
-class ClassifierModule(TrainingControl, ResumeHooks, L.LightningModule):
+class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningModule):
     """Base class: optimizers and schedulers, metrics, logging, validation/test/predict steps.
 
     Subclasses supply the networks and three things:
@@ -113,10 +114,8 @@ class ClassifierModule(TrainingControl, ResumeHooks, L.LightningModule):
         optimizers = [
             build_optimizer(self.optimizer_factory, g.params, g.owner, g.tag) for g in groups
         ]
-        if self._learning_rate is not None:  # set by lr_find, or by hand: every optimizer
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = self._learning_rate
+        for group in (g for o in optimizers for g in o.param_groups):
+            group["lr"] = group["lr"] if self._learning_rate is None else self._learning_rate
         self.remember_optimizer_settings(optimizers)
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
