@@ -97,3 +97,19 @@ def test_a_head_only_job_trains_the_head_and_no_block(tmp_path):
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("objective.head.") for k in changed), changed
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_validation_data_stops_with_the_batch_and_samples(tmp_path, value):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from noprop_lightning.errors import ConfigurationError
+    from tests.helpers import tiny_batch
+
+    x, y = tiny_batch(16, seed=1)
+    x[11, 0, 2, 2] = value  # batch 1, sample 3
+    trainer = tiny_trainer(tmp_path, max_epochs=1)
+    with pytest.raises(ConfigurationError, match=r"validation data holds NaN or infinite values: "
+                       r"batch 1, sample\(s\) 3 of the batch \(1 of 8\)"):  # fmt: skip
+        trainer.fit(NoPropModule(**TINY, num_blocks=2), tiny_loader(n=16),
+                    DataLoader(TensorDataset(x, y), batch_size=8))  # fmt: skip

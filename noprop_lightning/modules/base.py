@@ -16,6 +16,7 @@ from noprop_lightning.modules.guards import (
     SHAPE_NAMES,
     check_batch_size,
     check_datamodule_matches,
+    check_finite_images,
     check_images,
     check_labels,
     warn_unportable_classes,
@@ -140,10 +141,8 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
 
         The factory's, unless assigned: then every optimizer a fit builds uses it (all T + 1).
         """
-        if self._learning_rate is not None:
-            return self._learning_rate
         probe = build_optimizer(self.optimizer_factory, [torch.nn.Parameter(torch.zeros(1))])
-        return float(probe.param_groups[0]["lr"])
+        return self._learning_rate or float(probe.param_groups[0]["lr"])
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
@@ -296,6 +295,7 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy
     ) -> torch.Tensor:
         x, y = self.unpack(batch, batch_idx)
+        check_finite_images(x, stage, batch_idx)
         logits = self.predict_logits(x)
         loss = F.cross_entropy(logits, y)
         metric.update(logits, y)

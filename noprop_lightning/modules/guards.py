@@ -33,6 +33,32 @@ def check_images(x: torch.Tensor, in_channels: int, image_size: int) -> None:
         )
 
 
+#: How an evaluation stage names its data in messages.
+STAGE_DATA = {"val": "validation", "test": "test", "predict": "predict"}
+
+
+def check_finite_images(x: torch.Tensor, stage: str, batch_idx: int) -> None:
+    """Refuse evaluation images holding NaN or infinity (one reduction per batch).
+
+    Training data is checked through its losses (a NaN stop); an evaluation batch with NaN
+    would instead give NaN losses and a meaningless accuracy, and choose checkpoints by them.
+
+    Raises:
+        ConfigurationError: Naming the stage, the batch and the first bad samples.
+    """
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1) if len(x) else None
+    if finite is None or bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    shown = ", ".join(str(i) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+    raise ConfigurationError(
+        f"the {STAGE_DATA.get(stage, stage)} data holds NaN or infinite values: batch "
+        f"{batch_idx}, sample(s) {shown} of the batch ({len(bad)} of {len(x)}). Its metrics "
+        "would be meaningless (and best checkpoints chosen by them): clean the data or drop "
+        "those samples."
+    )
+
+
 def check_labels(labels: Any, num_classes: int, on_device: bool = False) -> None:
     """Check that integer ``labels`` lie in ``[0, num_classes)``.
 
