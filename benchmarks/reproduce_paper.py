@@ -39,6 +39,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import yaml
 
 from noprop_lightning.cli import NoPropCLI
 from noprop_lightning.cli.build import build_from_config, training_callback_configs
@@ -72,6 +73,20 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return mean, statistics.stdev(values) / len(values) ** 0.5
 
 
+def schedule_length(config: Path, epochs: int) -> list[str]:
+    """Options that stretch a config's per-epoch cosine LR schedule over ``epochs``.
+
+    Without them ``--epochs`` longer than the config's ``T_max`` would take the learning
+    rate to 0 and back up (CosineAnnealingLR is periodic), and a shorter one would stop
+    before it decays.
+    """
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    scheduler = (model.get("init_args") or {}).get("scheduler") or {}
+    if str(scheduler.get("class_path", "")).endswith("CosineAnnealingLR"):
+        return ["--model.init_args.scheduler.init_args.T_max", str(epochs)]
+    return []
+
+
 def build(config: Path, args: argparse.Namespace, method: str, seed: int) -> NoPropCLI:
     """Model, data and trainer as ``noprop-lightning fit`` builds them, for this protocol."""
     overrides = [
@@ -91,7 +106,11 @@ def build(config: Path, args: argparse.Namespace, method: str, seed: int) -> NoP
         "false",
     ]
     if args.epochs is not None:
-        overrides += ["--trainer.max_epochs", str(args.epochs)]
+        overrides += [
+            "--trainer.max_epochs",
+            str(args.epochs),
+            *schedule_length(config, args.epochs),
+        ]
     if args.split == "full":
         overrides += ["--data.init_args.val_size", "0"]
     if args.data_dir is not None and "digits" not in config.name:

@@ -177,3 +177,18 @@ def test_export_benchmark_times_every_engine_and_writes_json(tmp_path):
         assert row["images_per_s"] == pytest.approx(batch / row["median_ms"] * 1e3)
         # The exported program is bit-identical to the module; ONNX Runtime within rounding.
         assert row["max_abs_diff_vs_eager"] <= (1e-4 if engine == "onnxruntime" else 0.0)
+
+
+def test_epochs_override_stretches_a_cosine_schedule_to_the_new_length():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reproduce_paper import schedule_length
+
+    from noprop_lightning.config_files import shipped_configs
+
+    configs = shipped_configs()
+    # noprop_ct_digits: CosineAnnealingLR(T_max=30), stepped per epoch.
+    assert schedule_length(configs["noprop_ct_digits"], 7) == [
+        "--model.init_args.scheduler.init_args.T_max",
+        "7",
+    ]
+    assert schedule_length(configs["noprop_digits"], 7) == []  # no scheduler: nothing to do
