@@ -79,8 +79,11 @@ class StopSignals:
             trainer: The trainer whose fit (or evaluation) runs.
             at_once: Outside training (``validate``, ``test``, ``predict``) there is no
                 state to save and no batch to agree at: a signal stops the process at once
-                (the others stop at their next collective, or when they finish).
+                (the others stop at their next collective, or when they finish); signals
+                of an earlier fit are forgotten.
         """
+        if at_once:
+            self.reset()
         if threading.current_thread() is not threading.main_thread():
             return
         self._trainer = trainer
@@ -184,8 +187,12 @@ class StopSignals:
 
     def signal_name(self) -> str:
         """How the stop is named in messages (``Ctrl-C (SIGINT)`` or ``SIGTERM``)."""
-        received = self.agreed or self.pending or signal.SIGTERM
-        return "Ctrl-C (SIGINT)" if received == signal.SIGINT else "SIGTERM"
+        return signal_label(self.agreed or self.pending or signal.SIGTERM)
+
+
+def signal_label(received: signal.Signals) -> str:
+    """``Ctrl-C (SIGINT)`` or ``SIGTERM``, as messages name a stop."""
+    return "Ctrl-C (SIGINT)" if received == signal.SIGINT else "SIGTERM"
 
 
 def _quiet_process_observer() -> None:

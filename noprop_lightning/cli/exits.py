@@ -8,7 +8,7 @@ from typing import NoReturn
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from noprop_lightning.stopping import STOP, StoppedAtOnce
+from noprop_lightning.stopping import STOP, StoppedAtOnce, signal_label
 
 #: Exit status when another process of a multi-process run was lost (killed, crashed).
 LOST_PROCESS_EXIT_CODE = 1
@@ -29,7 +29,7 @@ def exit_after_stop(stop: SystemExit) -> NoReturn:
     started. A scheduler must see that the job did not finish.
     """
     if isinstance(stop, StoppedAtOnce):
-        name = "Ctrl-C (SIGINT)" if stop.code == 130 else "SIGTERM"
+        name = signal_label(stop.received)
         on_rank_zero(f"stopped at once by {name}, nothing saved (exit status {stop.code})")
         sys.exit(stop.code)
     status = STOP.exit_status()

@@ -68,10 +68,6 @@ class TrainingPlan:
     replica_group: Any = field(default=None, compare=False, repr=False)
     shared_over_world: bool = False
 
-    def mesh_rank(self, replica: int, block_group: int) -> int:
-        """The global rank at mesh coordinate ``(replica, block_group)`` (row-major)."""
-        return replica * self.block_groups + block_group
-
     @property
     def loss_scale(self) -> int:
         """Factor on logged losses under ``"spread"`` logging (``k``; see ``logging``)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -115,8 +114,9 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         optimizers = [
             build_optimizer(self.optimizer_factory, g.params, g.owner, g.tag) for g in groups
         ]
-        for group in (g for o in optimizers for g in o.param_groups):
-            group["lr"] = group["lr"] if self._learning_rate is None else self._learning_rate
+        if self._learning_rate is not None:  # set by lr_find, or by hand: every optimizer
+            for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+                group["lr"] = self._learning_rate
         self.remember_optimizer_settings(optimizers)
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
@@ -132,24 +132,6 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         if len(optimizers) == 1:
             return {"optimizer": optimizers[0], "lr_scheduler": configs[0]}
         return optimizers, configs
-
-    _learning_rate: float | None = None
-
-    @property
-    def learning_rate(self) -> float:
-        """The learning rate of every optimizer (Lightning's ``Tuner.lr_find`` reads and sets it).
-
-        The factory's, unless assigned: then every optimizer a fit builds uses it (all T + 1).
-        """
-        probe = build_optimizer(self.optimizer_factory, [torch.nn.Parameter(torch.zeros(1))])
-        return self._learning_rate or float(probe.param_groups[0]["lr"])
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        value = float(value)
-        if not (value > 0 and math.isfinite(value)):
-            raise ConfigurationError(f"learning_rate must be a finite number > 0, got {value}")
-        self._learning_rate = value
 
     def optimizer_list(self) -> list:
         """``self.optimizers()`` as a list (Lightning returns a bare object when there is one)."""
@@ -345,5 +327,4 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         """Refuse a data module that does not fit; from here a signal stops at once."""
         check_datamodule_matches(self._trainer, self.shape_values())
         if self._trainer is not None:
-            STOP.reset()
             STOP.install(self.trainer, at_once=True)

@@ -8,6 +8,8 @@
 - the trainer's ``gradient_clip_val`` / ``gradient_clip_algorithm`` and
   ``accumulate_grad_batches``, which Lightning refuses under manual optimization, honoured
   per optimizer (NoProp-DT: per block);
+- one learning rate for every optimizer (``learning_rate``: what ``Tuner.lr_find`` reads
+  and sets; the finder itself is refused where there are several optimizers);
 - gradient clipping of torch's fused Adam/AdamW under ``bf16-mixed`` (Lightning's
   mixed-precision plugin refuses any fused optimizer, though without a gradient scaler there
   is nothing to unscale).
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +29,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.modules.optim import build_optimizer
 from noprop_lightning.stopping import STOP
 
 
@@ -92,13 +96,11 @@ class TrainingControl:
         if self.trainer.sanity_checking:
             STOP.install(self.trainer)
         elif self.trainer.state.fn != "fit":
-            STOP.reset()
             STOP.install(self.trainer, at_once=True)
 
     def on_predict_start(self) -> None:
         """In ``predict`` a signal stops at once (nothing to save)."""
         if self._trainer is not None:
-            STOP.reset()
             STOP.install(self.trainer, at_once=True)
 
     def on_train_end(self) -> None:
@@ -152,6 +154,26 @@ class TrainingControl:
             trainer.accumulate_grad_batches = 1
         return callbacks
 
+    _learning_rate: float | None = None
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate of every optimizer (Lightning's ``Tuner.lr_find`` reads and sets it).
+
+        The factory's, unless assigned: then every optimizer a fit builds uses it (all T + 1).
+        """
+        if self._learning_rate is not None:
+            return self._learning_rate
+        probe = build_optimizer(self.optimizer_factory, [torch.nn.Parameter(torch.zeros(1))])
+        return float(probe.param_groups[0]["lr"])
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        value = float(value)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigurationError(f"learning_rate must be a finite number > 0, got {value}")
+        self._learning_rate = value
+
     @property
     def accumulate_grad_batches(self) -> int:
         """Batches whose gradients add up before the optimizers step (the trainer's setting)."""
@@ -168,10 +190,9 @@ class TrainingControl:
         Raises:
             ConfigurationError: Under ``16-mixed`` (a gradient scaler) with clipping.
         """
-        options = self._trainer_options if not self.automatic_optimization else None
-        clip, algorithm = (options[0], options[1]) if options else (None, "norm")
-        if clip is None:
-            return
+        if self._trainer_options is None or self._trainer_options[0] is None:
+            return  # no clipping (the options are taken over under manual optimization only)
+        clip, algorithm, _ = self._trainer_options
         optimizer = getattr(optimizer, "optimizer", optimizer)
         clip_parameters(self.trainer, optimizer, float(clip), algorithm)
 
