@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from noprop_lightning.metric_names import REPORTED_PEAKS, TRAIN_EPOCH_TIME, peak_memory
 from noprop_lightning.runs import Run, loss_tag
 
 #: The training objective each method logs as ``train/loss``.
@@ -35,7 +36,6 @@ LOSS_MEANING = {
 }
 
 BLOCK_PREFIX = "train/loss_block_"
-TIME_TAG = "time/train_epoch_s"
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ PLOTS = (
         "val_acc_vs_time.png",
         "Validation accuracy vs training time",
         "accuracy (%)",
-        ("val/acc", TIME_TAG),
+        ("val/acc", TRAIN_EPOCH_TIME),
     ),
     PlotSpec(
         "train_loss.png",
@@ -75,13 +75,13 @@ PLOTS = (
         "epoch_time.png",
         "Training epoch wall time (validation excluded)",
         "seconds per epoch",
-        (TIME_TAG,),
+        (TRAIN_EPOCH_TIME,),
     ),
     PlotSpec(
         "peak_memory.png",
         "Peak training memory",
         "MiB",
-        ("memory/train_peak_allocated_mib", "memory/train_peak_rss_mib"),
+        tuple(peak_memory("train", quantity) for quantity, _ in REPORTED_PEAKS),
     ),
 )
 
@@ -192,7 +192,7 @@ def accuracy_over_time(run: Run) -> tuple[list[float], list[float]]:
     Each validation is placed at the training time spent up to the end of its epoch
     (validation time excluded).
     """
-    epochs, times = run.by_epoch(TIME_TAG)
+    epochs, times = run.by_epoch(TRAIN_EPOCH_TIME)
     elapsed = dict(zip(epochs, accumulate(times), strict=True))
     xs, ys = [], []
     for epoch, acc in zip(*run.by_epoch("val/acc"), strict=True):
@@ -286,7 +286,7 @@ def _bars(
 
 
 def _epoch_time(spec: PlotSpec, runs: Sequence[Run]) -> Figure | None:
-    timed = [(run, run.values(TIME_TAG)) for run in runs if run.values(TIME_TAG)]
+    timed = [(run, run.values(TRAIN_EPOCH_TIME)) for run in runs if run.values(TRAIN_EPOCH_TIME)]
     if not timed:
         return None
     fig, (ax,) = _figure()

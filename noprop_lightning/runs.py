@@ -15,6 +15,13 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.summary.writer.record_writer import masked_crc32c
 
 from noprop_lightning.errors import NoPropUserError
+from noprop_lightning.metric_names import (
+    REPORTED_PEAKS,
+    TRAIN_EPOCH_TIME,
+    TRAIN_THROUGHPUT,
+    VAL_EPOCH_TIME,
+    peak_memory,
+)
 
 EVENT_GLOB = "events.out.tfevents.*"
 
@@ -72,11 +79,11 @@ class Run:
     def summary(self) -> dict[str, Any]:
         """The numbers of the comparison table (missing values are ``None``)."""
         val_acc = self.values("val/acc")
-        times = self.values("time/train_epoch_s")
-        rates = dict(self.scalars.get("throughput/train_samples_per_s", []))
-        timed = [(t, rates[s]) for s, t in self.scalars.get("time/train_epoch_s", []) if s in rates]
+        times = self.values(TRAIN_EPOCH_TIME)
+        rates = dict(self.scalars.get(TRAIN_THROUGHPUT, []))
+        timed = [(t, rates[s]) for s, t in self.scalars.get(TRAIN_EPOCH_TIME, []) if s in rates]
         total_time = sum(t for t, _ in timed)
-        val_times = self.values("time/val_epoch_s")
+        val_times = self.values(VAL_EPOCH_TIME)
         memory_tag, memory_kind = self.memory_tag()
         memory = self.values(memory_tag) if memory_tag else []
         epochs = len(times) or len(self.values(loss_tag(self)))
@@ -100,10 +107,8 @@ class Run:
 
     def memory_tag(self) -> tuple[str | None, str | None]:
         """The peak-memory tag to report: CUDA allocated if logged, else process RSS."""
-        for tag, kind in (
-            ("memory/train_peak_allocated_mib", "CUDA allocated"),
-            ("memory/train_peak_rss_mib", "process RSS"),
-        ):
+        for quantity, kind in REPORTED_PEAKS:
+            tag = peak_memory("train", quantity)
             if tag in self.scalars:
                 return tag, kind
         return None, None

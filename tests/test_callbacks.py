@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import noprop_lightning.callbacks.memory as memory_mod
 import noprop_lightning.callbacks.timing as timing_mod
+import noprop_lightning.metric_names as names
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import (
     EpochTimer,
@@ -155,6 +156,74 @@ def test_documented_keys_are_logged_with_sane_values(noprop_run):
     assert all(20 < r < 64 * 1024 for r in rss)
     assert len(noprop_run.timer.history) == len(noprop_run.memory.history) == 2
     assert [r["train_samples"] for r in noprop_run.timer.history] == [32, 32]
+
+
+# The public tag strings, spelled out: users' TensorBoard logs, EarlyStopping /
+# ModelCheckpoint monitors and configs name them, so changing one is a breaking change.
+TIMING_TAGS = {
+    "time/train_epoch_s",
+    "time/val_epoch_s",
+    "time/test_epoch_s",
+    "throughput/train_samples_per_s",
+    "throughput/val_samples_per_s",
+    "throughput/test_samples_per_s",
+}
+RSS_TAGS = {"memory/train_peak_rss_mib", "memory/val_peak_rss_mib", "memory/test_peak_rss_mib"}
+CUDA_TAGS = {
+    "memory/train_peak_allocated_mib",
+    "memory/val_peak_allocated_mib",
+    "memory/test_peak_allocated_mib",
+    "memory/train_peak_reserved_mib",
+    "memory/val_peak_reserved_mib",
+    "memory/test_peak_reserved_mib",
+}
+
+
+def test_tag_names_are_pinned():
+    assert names.STAGES == ("train", "val", "test")
+    assert {tag for s in names.STAGES for tag in names.timing_tags(s)} == TIMING_TAGS
+    assert {tag for s in names.STAGES for tag in names.memory_tags(s, cuda=False)} == RSS_TAGS
+    cuda = {tag for s in names.STAGES for tag in names.memory_tags(s, cuda=True)}
+    assert cuda == RSS_TAGS | CUDA_TAGS
+    assert names.PEAK_QUANTITIES == ("peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib")
+    constants = {
+        names.TRAIN_EPOCH_TIME: "time/train_epoch_s",
+        names.VAL_EPOCH_TIME: "time/val_epoch_s",
+        names.TEST_EPOCH_TIME: "time/test_epoch_s",
+        names.TRAIN_THROUGHPUT: "throughput/train_samples_per_s",
+        names.TEST_THROUGHPUT: "throughput/test_samples_per_s",
+        names.TRAIN_PEAK_RSS: "memory/train_peak_rss_mib",
+        names.TRAIN_PEAK_ALLOCATED: "memory/train_peak_allocated_mib",
+    }
+    assert all(name == pinned for name, pinned in constants.items()), constants
+    assert [q for q, _ in names.REPORTED_PEAKS] == ["peak_allocated_mib", "peak_rss_mib"]
+
+
+def test_callbacks_log_exactly_the_pinned_tags(noprop_run):
+    """A CPU fit + test: every timing tag and the RSS tags, nothing else, everywhere."""
+    assert set(noprop_run.timer.logged) == TIMING_TAGS
+    assert set(noprop_run.memory.logged) == RSS_TAGS
+    written = set(scalar_events(noprop_run.log_dir).Tags()["scalars"])
+    measured = {t for t in written if t.split("/")[0] in ("time", "throughput", "memory")}
+    assert measured == TIMING_TAGS | RSS_TAGS
+    test_tags = {t for t in TIMING_TAGS | RSS_TAGS if "/test_" in t}
+    assert test_tags <= set(noprop_run.trainer.callback_metrics)  # where monitors look
+
+
+def test_memory_monitor_reads_the_cuda_peaks_on_a_cuda_device(monkeypatch):
+    """Without a GPU: the peaks read on a CUDA module, whose keys name the CUDA tags."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * MIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * MIB)
+    monitor = PeakMemoryMonitor(cpu_method="lifetime")
+    monitor._process = ProcessPeakRSS("lifetime")
+    cuda_module = SimpleNamespace(device=torch.device("cuda", 0))
+    peaks = monitor._read(cuda_module)
+    assert {names.peak_memory("val", q) for q in peaks} == {
+        "memory/val_peak_rss_mib",
+        "memory/val_peak_allocated_mib",
+        "memory/val_peak_reserved_mib",
+    }
+    assert (peaks["peak_allocated_mib"], peaks["peak_reserved_mib"]) == (3.0, 4.0)
 
 
 def test_logged_epoch_values_sit_on_their_epoch(noprop_run):
@@ -337,6 +406,8 @@ def test_cuda_peaks_are_per_epoch():
     val_peak = float(monitor.logged["memory/val_peak_allocated_mib"])
     assert val_peak >= 512
     assert all(r["train_epoch_s"] > 0 for r in timer.history)
+    fit_tags = {t for t in RSS_TAGS | CUDA_TAGS | TIMING_TAGS if "/test_" not in t}
+    assert set(monitor.logged) | set(timer.logged) == fit_tags
 
 
 # ---------------------------------------------------------------------- DDP reductions

@@ -15,10 +15,10 @@
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.callbacks.best import BestCheckpoint
+from noprop_lightning.callbacks.channels_last import ChannelsLast
 from noprop_lightning.callbacks.checkpoint import RNGStateCheckpoint, check_checkpoint_matches
 from noprop_lightning.callbacks.hparams import TensorBoardHParams
 from noprop_lightning.callbacks.last import LastCheckpoint
-from noprop_lightning.callbacks.layout import ChannelsLast
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor, ProcessPeakRSS
 from noprop_lightning.callbacks.model_summary import CompactModelSummary
 from noprop_lightning.callbacks.predictions import PredictionWriter

@@ -13,6 +13,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from noprop_lightning.callbacks.summary import describe_module
+from noprop_lightning.metric_names import (
+    TRAIN_EPOCH_TIME,
+    TRAIN_PEAK_ALLOCATED,
+    TRAIN_PEAK_RSS,
+    TRAIN_THROUGHPUT,
+)
 
 #: Scalar tags the HPARAMS tab shows next to the hyper-parameters (last value of each).
 DEFAULT_METRICS = (
@@ -20,8 +26,8 @@ DEFAULT_METRICS = (
     "val/loss",
     "test/acc",
     "train/loss",
-    "time/train_epoch_s",
-    "throughput/train_samples_per_s",
+    TRAIN_EPOCH_TIME,
+    TRAIN_THROUGHPUT,
 )
 
 
@@ -99,11 +105,7 @@ class TensorBoardHParams(Callback):
         """The scalar tags named in the HPARAMS tab."""
         if self.metrics is not None:
             return list(self.metrics)
-        memory = (
-            "memory/train_peak_allocated_mib"
-            if pl_module.device.type == "cuda"
-            else "memory/train_peak_rss_mib"
-        )
+        memory = TRAIN_PEAK_ALLOCATED if pl_module.device.type == "cuda" else TRAIN_PEAK_RSS
         return [*DEFAULT_METRICS, memory]
 
     @rank_zero_only

@@ -35,6 +35,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from noprop_lightning.callbacks._utils import MIB, log_scalars, reduce_across_ranks
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.metric_names import (
+    PEAK_ALLOCATED_MIB,
+    PEAK_RESERVED_MIB,
+    PEAK_RSS_MIB,
+    Stage,
+    peak_memory,
+)
 
 CPU_METHODS = ("auto", "hwm", "lifetime")
 _VMHWM = re.compile(rb"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
@@ -116,6 +123,9 @@ class PeakMemoryMonitor(Callback):
       ``torch.cuda.reset_peak_memory_stats`` at the start of the span, i.e. the true
       per-epoch peak, not the memory still allocated at the end of the epoch.
 
+    The tag names are spelled in :mod:`noprop_lightning.metric_names`
+    (:func:`~noprop_lightning.metric_names.peak_memory`).
+
     The training span of an epoch excludes the validation Lightning runs inside it (that is
     measured and logged as ``val``). Under DDP every value is the maximum over ranks. Works
     with any LightningModule.
@@ -140,7 +150,8 @@ class PeakMemoryMonitor(Callback):
             raise ConfigurationError(f"cpu_method must be one of {CPU_METHODS}, got {cpu_method!r}")
         self.cpu_method = cpu_method
         self.history: list[dict[str, float]] = []
-        #: The last value written of every key (``time/val_epoch_s`` ...), after reduction.
+        #: The last value written of every key (``memory/val_peak_rss_mib`` ...), after
+        #: reduction.
         self.logged: dict[str, float] = {}
         self._process: ProcessPeakRSS | None = None
         self._train_peak: dict[str, float] = {}
@@ -166,11 +177,11 @@ class PeakMemoryMonitor(Callback):
 
     def _read(self, pl_module: L.LightningModule) -> dict[str, float]:
         assert self._process is not None
-        peaks = {"peak_rss_mib": self._process.peak_bytes() / MIB}
+        peaks = {PEAK_RSS_MIB: self._process.peak_bytes() / MIB}
         device = pl_module.device
         if device.type == "cuda":
-            peaks["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / MIB
-            peaks["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / MIB
+            peaks[PEAK_ALLOCATED_MIB] = torch.cuda.max_memory_allocated(device) / MIB
+            peaks[PEAK_RESERVED_MIB] = torch.cuda.max_memory_reserved(device) / MIB
         return peaks
 
     @staticmethod
@@ -178,10 +189,14 @@ class PeakMemoryMonitor(Callback):
         return {k: max(a.get(k, 0.0), b.get(k, 0.0)) for k in a.keys() | b.keys()}
 
     def _log(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, peaks: dict[str, float]
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        stage: Stage,
+        peaks: dict[str, float],
     ) -> dict[str, float]:
         peaks = reduce_across_ranks(trainer, pl_module, peaks, op="max")
-        values = {f"memory/{stage}_{k}": v for k, v in peaks.items()}
+        values = {peak_memory(stage, k): v for k, v in peaks.items()}
         log_scalars(pl_module, values, stage)
         # Also where EarlyStopping / ModelCheckpoint look (not through LightningModule.log:
         # that would log them a second time and put them in trainer.test()'s results).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
@@ -16,6 +16,14 @@ from rich.table import Table
 
 from noprop_lightning.callbacks.memory import PeakMemoryMonitor
 from noprop_lightning.callbacks.timing import EpochTimer
+from noprop_lightning.metric_names import (
+    PEAK_QUANTITIES,
+    PEAK_RSS_MIB,
+    REPORTED_PEAKS,
+    TEST_EPOCH_TIME,
+    TEST_THROUGHPUT,
+    peak_memory,
+)
 
 #: Display names of the package's modules, by class name (other classes show their name).
 METHOD_NAMES = {
@@ -88,6 +96,16 @@ def format_value(value: float | int | None, kind: str) -> str:
     return f"{int(value):,}"
 
 
+def _reported(measured: Collection[str]) -> tuple[str, str | None]:
+    """The peak quantity a summary reports among ``measured``, and its display name.
+
+    The CUDA allocator's peak where measured, else the process RSS; without a display name
+    when neither was measured.
+    """
+    found = ((quantity, kind) for quantity, kind in REPORTED_PEAKS if quantity in measured)
+    return next(found, (PEAK_RSS_MIB, None))
+
+
 class RunSummary(Callback):
     """Print one rich table per stage: when ``fit`` ends, and when ``test`` ends.
 
@@ -148,26 +166,20 @@ class RunSummary(Callback):
         memory = next((c for c in trainer.callbacks if isinstance(c, PeakMemoryMonitor)), None)
         times = [r["train_epoch_s"] for r in timer.history] if timer else []
         samples = sum(r["train_samples"] for r in timer.history) if timer else 0.0
-        peak, peak_kind = None, None
+        peak, measured = None, set()
         if memory and memory.history:
-            key = "peak_allocated_mib" if "peak_allocated_mib" in memory.history[0] else None
-            key = key or "peak_rss_mib"
-            peak = max(r[key] for r in memory.history)
-            peak_kind = "CUDA allocated" if key == "peak_allocated_mib" else "process RSS"
-        elif memory and "memory/test_peak_allocated_mib" in memory.logged:
-            peak_kind = "CUDA allocated"  # a standalone test: no training epochs measured
-        elif memory and "memory/test_peak_rss_mib" in memory.logged:
-            peak_kind = "process RSS"
-        test_key = "peak_allocated_mib" if peak_kind == "CUDA allocated" else "peak_rss_mib"
+            measured = set(memory.history[0])
+            peak = max(r[_reported(measured)[0]] for r in memory.history)
+        elif memory:  # a standalone test: no training epochs measured
+            measured = {q for q in PEAK_QUANTITIES if peak_memory("test", q) in memory.logged}
+        test_key, peak_kind = _reported(measured)
         return {
             "method": desc.method,
             "execution": desc.execution,
             "params": desc.params,
-            "test_epoch_s": timer.logged.get("time/test_epoch_s") if timer else None,
-            "test_samples_per_s": timer.logged.get("throughput/test_samples_per_s")
-            if timer
-            else None,
-            "test_peak_memory_mib": memory.logged.get(f"memory/test_{test_key}")
+            "test_epoch_s": timer.logged.get(TEST_EPOCH_TIME) if timer else None,
+            "test_samples_per_s": timer.logged.get(TEST_THROUGHPUT) if timer else None,
+            "test_peak_memory_mib": memory.logged.get(peak_memory("test", test_key))
             if memory
             else None,
             "epochs": len(times) if timer else trainer.current_epoch,

@@ -16,6 +16,7 @@ from noprop_lightning.callbacks._utils import (
     reduce_across_ranks,
     synchronize,
 )
+from noprop_lightning.metric_names import Stage, epoch_time, throughput
 
 
 class _Stopwatch:
@@ -54,6 +55,10 @@ class EpochTimer(Callback):
     * ``time/val_epoch_s``, ``throughput/val_samples_per_s``: each pass over the validation
       set (not the sanity check).
     * ``time/test_epoch_s``, ``throughput/test_samples_per_s``: each pass over the test set.
+
+    The tag names are spelled in :mod:`noprop_lightning.metric_names`
+    (:func:`~noprop_lightning.metric_names.epoch_time`,
+    :func:`~noprop_lightning.metric_names.throughput`).
 
     On a CUDA device the clock is read after ``torch.cuda.synchronize``, so queued kernels
     are counted in the epoch they belong to. Under DDP the time is the maximum over ranks
@@ -202,14 +207,14 @@ class EpochTimer(Callback):
         self._eval_samples = 0
         self._eval.restart()
 
-    def _finish_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> float:
+    def _finish_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Stage) -> float:
         return self._stop_and_log(trainer, pl_module, stage, self._eval, self._eval_samples)[0]
 
     def _stop_and_log(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        stage: str,
+        stage: Stage,
         clock: _Stopwatch,
         samples: int,
     ) -> tuple[float, float, float]:
@@ -227,7 +232,7 @@ class EpochTimer(Callback):
         total = reduce_across_ranks(trainer, pl_module, {"n": float(samples)}, op="sum")["n"]
         total /= copies
         rate = total / seconds if seconds > 0 else 0.0
-        values = {f"time/{stage}_epoch_s": seconds, f"throughput/{stage}_samples_per_s": rate}
+        values = {epoch_time(stage): seconds, throughput(stage): rate}
         log_scalars(pl_module, values, stage)
         # Also where EarlyStopping / ModelCheckpoint look (not through LightningModule.log:
         # that would log them a second time and put them in trainer.test()'s results).
