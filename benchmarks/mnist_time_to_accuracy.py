@@ -105,13 +105,14 @@ def resolve_config(name: str) -> Path:
 
 
 def instantiate(
-    config: Path, data_dir: str
+    config: Path, data_dir: str, seed: int
 ) -> tuple[L.LightningModule, L.LightningDataModule, int, list[L.Callback]]:
     """Model, data module, ``trainer.max_epochs`` and the callbacks that change training.
 
     The config goes through :class:`~noprop_lightning.cli.NoPropCLI` (``run=False``), so the
     model, its optimizer and scheduler, the batch size and the linked data properties are
-    those of the YAML; only the data directory is overridden. Of the config's callbacks only
+    those of the YAML; only the data directory and the seed (``seed_everything``, which the
+    CLI applies before building the model) are overridden. Of the config's callbacks only
     those that change how it trains are kept (``TRAINING_CALLBACKS`` of
     :mod:`noprop_lightning.cli.build`); checkpointing and measuring callbacks are not.
     """
@@ -121,6 +122,8 @@ def instantiate(
             str(config),
             "--data.init_args.data_dir",
             data_dir,
+            "--seed_everything",
+            str(seed),
             "--trainer.logger",
             "false",
         ]
@@ -158,8 +161,7 @@ def main() -> None:
     results = []
     for name in args.configs:
         config = resolve_config(name)
-        L.seed_everything(args.seed)
-        module, dm, max_epochs, kept = instantiate(config, args.data_dir)
+        module, dm, max_epochs, kept = instantiate(config, args.data_dir, args.seed)
         dm.setup("test")
         evaluator = BudgetedEvaluator(dm.test_dataloader(), args.budget, args.eval_every)
         dm.setup("fit")

@@ -7,10 +7,13 @@ import pytest
 import yaml
 
 from noprop_lightning.cli import main
+from noprop_lightning.cli.build import build_from_config
+from noprop_lightning.errors import ConfigurationError
 
 #: ``cpu`` by default; ``NOPROP_TEST_ACCELERATOR=gpu`` runs every config on a GPU instead.
 ACCELERATOR = os.environ.get("NOPROP_TEST_ACCELERATOR", "cpu")
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 
 
 def data_class(config: Path) -> str:
@@ -101,3 +104,46 @@ def test_validate_and_test_subcommands(tmp_path, monkeypatch, capsys):
     said = capsys.readouterr().err
     assert "warning: validate without --ckpt_path evaluates the freshly initialised" in said
     assert "warning: test without --ckpt_path" in said
+
+
+# ---------------------------------------------------------------- one LightningCLI factory
+# `main` (noprop-lightning, python cli.py, compare) and `build_from_config` (benchmarks) both
+# build the CLI with noprop_lightning.cli.factory.make_cli: same seed, parser, settings.
+
+
+@pytest.fixture
+def unseeded_config(tmp_path: Path) -> Path:
+    """The quickstart config without its ``seed_everything``: the CLI's default applies."""
+    config = yaml.safe_load(QUICKSTART.read_text())
+    del config["seed_everything"]
+    path = tmp_path / "unseeded.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def printed_config(build, args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        build([*args, "--print_config"])
+    assert exc.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_main_and_build_from_config_parse_the_same_defaults(unseeded_config, capsys):
+    from_main = printed_config(main, ["fit", "--config", str(unseeded_config)], capsys)
+    from_build = printed_config(build_from_config, ["--config", str(unseeded_config)], capsys)
+    for fit_only in ("ckpt_path", "weights_only"):  # Trainer.fit's own arguments
+        del from_main[fit_only]
+    assert from_main["seed_everything"] == 42
+    assert from_build == from_main
+
+
+def test_build_from_config_seeds_42_by_default(unseeded_config):
+    cli = build_from_config(["--config", str(unseeded_config), "--trainer.logger", "false"])
+    assert cli.config["seed_everything"] == 42
+
+
+def test_build_from_config_refuses_abbreviated_options():
+    """As the CLI does: ``--trainer.max_epoch`` must not silently mean ``max_epochs``."""
+    args = ["--config", str(QUICKSTART), "--trainer.logger", "false"]
+    with pytest.raises(ConfigurationError, match=r"trainer\.max_epoch\b"):
+        build_from_config([*args, "--trainer.max_epoch", "1"])

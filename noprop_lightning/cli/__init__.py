@@ -1,47 +1,25 @@
-"""The command-line interface: a LightningCLI over any module and data module of the package."""
+"""The command-line interface: a LightningCLI over any module and data module of the package.
+
+The CLI class is :class:`NoPropCLI` (:mod:`noprop_lightning.cli.noprop_cli`); it is built, with
+all of the package's settings, by :func:`~noprop_lightning.cli.factory.make_cli` only.
+"""
 
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import lightning.pytorch
-from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from noprop_lightning.cli.checkpoints import (
-    SPECIAL_CKPT_PATHS,
-    check_checkpoint_use,
-    check_model_against_checkpoint,
-    checkpoint_dirpath,
-    config_wins,
-    import_class,
-    is_special_ckpt_path,
-    names_subclass,
-    read_checkpoint_header,
-)
-from noprop_lightning.cli.configs import NamedConfigFile
-from noprop_lightning.cli.errors import (
-    check_accelerator,
-    check_block_groups,
-    condense_parser_message,
-    find_user_error,
-    raised_by_lightning,
-    trainer_setup_message,
-)
+from noprop_lightning.cli.checkpoints import SPECIAL_CKPT_PATHS, read_checkpoint_header
+from noprop_lightning.cli.errors import condense_parser_message, find_user_error
 from noprop_lightning.cli.exits import exit_after_stop, exit_lost_process
-from noprop_lightning.cli.folders import place_run, starting_checkpoint
-from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
-from noprop_lightning.cli.output import quiet_known_noise, resuming_into
-from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.cli.factory import make_cli
+from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
+from noprop_lightning.cli.noprop_cli import NoPropCLI
 from noprop_lightning.stopping import StoppedAtOnce, is_lost_process
 
 __all__ = [
@@ -51,231 +29,15 @@ __all__ = [
     "condense_parser_message",
     "find_user_error",
     "main",
+    "make_cli",
     "read_checkpoint_header",
 ]
-
-#: Parser settings: raise instead of printing the whole usage, and refuse abbreviated options
-#: (``--trainer.max_epoch`` would otherwise silently mean ``--trainer.max_epochs``).
-_PARSER_KWARGS: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
 
 #: Exit status of every error caused by user input (bad option, config, data, checkpoint).
 USER_ERROR_EXIT_CODE = 2
 
 #: Exit status after SIGTERM (128 + 15, the shell's convention for a terminated process).
 SIGTERM_EXIT_CODE = 143
-
-
-class NoPropCLI(LightningCLI):
-    """LightningCLI with data properties linked into the model and test-after-fit.
-
-    ``num_classes``, ``in_channels`` and ``image_size`` are read from the instantiated data
-    module and passed to the model, so a config never states them twice. After ``fit`` the
-    best checkpoint (by the ``ModelCheckpoint`` monitor, i.e. validation accuracy, never the
-    test set) is evaluated on the test split unless ``--test_after_fit false``.
-
-    With ``--ckpt_path FILE`` the checkpoint is checked before anything is built: it must
-    exist and be readable, and its structural model settings (``T``, embedding, sizes; see
-    :attr:`~noprop_lightning.modules.base.ClassifierModule.structural_hparams`) must agree
-    with the config's. Lightning then takes the model settings from the checkpoint, except
-    the runtime ones (:attr:`~noprop_lightning.modules.base.ClassifierModule.runtime_hparams`:
-    inference mode and steps, execution path, diffusion backend), which come from the config
-    and command line; a warning names the other config values that the checkpoint overrides.
-    """
-
-    #: The checkpoint of ``--ckpt_path``, read once (``None``: none given).
-    _ckpt_header: dict[str, Any] | None = None
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Lightning's parser, with a ``--config`` that also takes a shipped config's name."""
-        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.pytorch.__version__}"])
-        parser = self.parser_class(**kwargs)
-        parser.add_argument(
-            "-c",
-            "--config",
-            action=NamedConfigFile,
-            help="A config file (json or yaml), or the name of a shipped config such as "
-            "quickstart (`noprop-lightning configs` lists them).",
-        )
-        return parser
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link data properties to the model and add ``--test_after_fit``."""
-        self._links = DataLinks()
-        for name in LINKED_DATA_PROPERTIES:
-            parser.link_arguments(
-                "data",
-                f"model.init_args.{name}",
-                compute_fn=functools.partial(self._linked_value, name),
-                apply_on="instantiate",
-            )
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool,
-            default=True,
-            help="After fit, evaluate the best checkpoint on the test split.",
-        )
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
-        super().parse_arguments(parser, args)
-        self._links = DataLinks(self._explicit_model_args(parser, args), self._model_takes())
-        self._check_ckpt_path()
-
-    def _linked_value(self, name: str, datamodule: Any) -> Any:
-        return self._links.value(name, datamodule)
-
-    def _explicit_model_args(self, parser: LightningArgumentParser, args: Any) -> dict:
-        """The model's ``init_args`` as the user gave them (no defaults filled in)."""
-        if isinstance(args, dict | Namespace):
-            given = parser.parse_object(args, defaults=False)
-        else:
-            given = parser.parse_args(args, defaults=False)
-        model = self._section(given).get("model")
-        init_args = model.get("init_args") if isinstance(model, Namespace) else None
-        if init_args is None:
-            return {}
-        return {k: init_args[k] for k in LINKED_DATA_PROPERTIES if init_args.get(k) is not None}
-
-    def _model_takes(self) -> set[str]:
-        model = self._model_config()
-        init_args = model.get("init_args") if model is not None else None
-        return {k for k in LINKED_DATA_PROPERTIES if init_args is not None and k in init_args}
-
-    @staticmethod
-    def _section(config: Namespace) -> Namespace:
-        """The subcommand's part of a parsed config (the whole one with ``run=False``)."""
-        subcommand = config.get("subcommand")
-        section = config.get(subcommand) if subcommand else config
-        return section if section is not None else Namespace()
-
-    def _parse_ckpt_path(self) -> None:
-        """Merge the checkpoint's hyper-parameters, keeping the config's runtime settings."""
-        model = self._model_config()
-        keep = {}
-        if model is not None and model.get("init_args") is not None:
-            cls = import_class(str(model.class_path))
-            for key in config_wins(cls):
-                if key in model.init_args:
-                    keep[key] = copy.deepcopy(model.init_args[key])
-        super()._parse_ckpt_path()
-        model = self._model_config()
-        if model is not None and model.get("init_args") is not None:
-            for key, value in keep.items():
-                model.init_args[key] = value
-
-    def _model_config(self) -> Any:
-        model = self._section(self.config).get("model")
-        return model if model is not None and hasattr(model, "class_path") else None
-
-    def before_instantiate_classes(self) -> None:
-        """Add the package's progress bar and summary; with ``--ckpt_path``, keep checkpoints.
-
-        Unless the config names its own (or disables them), the trainer gets
-        :class:`~noprop_lightning.callbacks.ProgressBar` and
-        :class:`~noprop_lightning.callbacks.CompactModelSummary`.
-
-        The checkpoint records where its ``ModelCheckpoint`` saved; pointing the config's
-        ``ModelCheckpoint`` there means a resumed fit goes on writing (and tracking the best
-        checkpoint) beside the earlier ones, and ``test`` / ``validate`` / ``predict``
-        restore its state without Lightning warning that the directory changed. A resumed
-        fit also logs into the run's own version folder, and a fit given the version of a
-        folder that holds another run is refused (:func:`~noprop_lightning.cli.folders.
-        place_run`).
-        """
-        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
-        callbacks = trainer.get("callbacks") if trainer is not None else None
-        if trainer is not None:
-            check_accelerator(trainer.get("accelerator"))
-            check_block_groups(trainer, self._model_config())
-            names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
-            added = []
-            if trainer.get("enable_progress_bar") is not False:
-                if not any("ProgressBar" in name for name in names):
-                    # Lightning's rich bar without the logger version (v_num): see ProgressBar.
-                    added.append(Namespace(class_path="noprop_lightning.callbacks.ProgressBar"))
-            if trainer.get("enable_model_summary") is not False:
-                if not any("ModelSummary" in name for name in names):
-                    # Without an empty FLOPs column or parameter-free rows.
-                    summary = "noprop_lightning.callbacks.CompactModelSummary"
-                    added.append(Namespace(class_path=summary))
-            elif callbacks:
-                # Lightning keeps summary callbacks a config lists; false means no summary.
-                callbacks = trainer.callbacks = [
-                    c for c in callbacks if not names_subclass(c, ModelSummary)
-                ]
-            if added:
-                trainer.callbacks = callbacks = [*(callbacks or []), *added]
-            ckpt_path = self.config[self.subcommand].get("ckpt_path")
-            ckpt_path = (
-                None if ckpt_path is None or is_special_ckpt_path(str(ckpt_path)) else ckpt_path
-            )
-            place_run(trainer.get("logger"), ckpt_path, self.subcommand)
-            if self.subcommand != "fit" and self.config[self.subcommand].get("ckpt_path") is None:
-                print(
-                    f"warning: {self.subcommand} without --ckpt_path evaluates the freshly "
-                    "initialised (untrained) model; pass a checkpoint, e.g. --ckpt_path last",
-                    file=sys.stderr,
-                )
-            if ckpt_path is not None and self.subcommand == "fit":
-                resuming_into(Path(str(ckpt_path)).parent)
-        dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
-        if dirpath is None or not isinstance(callbacks, list):
-            return
-        for callback in callbacks:
-            if names_subclass(callback, ModelCheckpoint):  # LastCheckpoint, BestCheckpoint too
-                if callback.get("init_args") is not None:
-                    callback.init_args.dirpath = dirpath
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Lightning's trainer; trainer settings that Lightning refuses give a user error."""
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError, TypeError) as err:
-            if not raised_by_lightning(err):
-                raise
-            raise ConfigurationError(trainer_setup_message(err)) from err
-
-    def after_fit(self) -> None:
-        """Evaluate on the test split after fitting.
-
-        The model tested is the best checkpoint of the first ``ModelCheckpoint`` with a
-        monitor (validation accuracy in the shipped configs), else the weights in memory.
-        """
-        if not self.config[self.subcommand].get("test_after_fit", True):
-            return
-        if self.trainer.interrupted:
-            return
-        if self.trainer.global_step == 0:
-            print("warning: fit trained no batch (max_epochs 0 or max_steps 0?): the test "
-                  "after fit evaluates the initial weights", file=sys.stderr)  # fmt: skip
-        best = [
-            c.best_model_path
-            for c in self.trainer.checkpoint_callbacks
-            if getattr(c, "monitor", None) is not None and getattr(c, "best_model_path", "")
-        ]
-        ckpt_path = best[0] if best else None  # None: the weights in memory
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
-
-    # ------------------------------------------------------------------ checkpoint checks
-    def _check_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        # last / best resolved; after a torchrun / SLURM restart, the run's latest checkpoint.
-        ckpt_path = starting_checkpoint(config.get("trainer"), config.get("ckpt_path"), subcommand)
-        config.ckpt_path = ckpt_path
-        if not ckpt_path or is_special_ckpt_path(str(ckpt_path)):
-            return
-        checkpoint = read_checkpoint_header(ckpt_path)
-        check_checkpoint_use(checkpoint, str(ckpt_path), subcommand)
-        self._ckpt_header = checkpoint
-        model_config = config.get("model")
-        if model_config is None or not hasattr(model_config, "class_path"):
-            return
-        check_model_against_checkpoint(
-            str(ckpt_path), checkpoint.get("hyper_parameters") or {}, model_config
-        )
 
 
 def _exit_with(message: str) -> NoReturn:
@@ -308,26 +70,9 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
     Returns:
         The CLI object (useful in tests); user errors exit instead of returning.
     """
-    quiet_known_noise()
     prog = prog or default_prog()
-    subcommands = LightningCLI.subcommands()
-    parser_kwargs = {
-        **_PARSER_KWARGS,
-        "prog": prog,
-        **{name: dict(_PARSER_KWARGS) for name in subcommands},
-    }
     try:
-        return NoPropCLI(
-            LightningModule,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            seed_everything_default=42,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=parser_kwargs,
-            args=args,
-        )
+        return make_cli(args, prog=prog)
     except argparse.ArgumentError as err:
         user_error = find_user_error(err)
         if user_error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,9 +12,11 @@ import lightning as L
 import yaml
 
 from noprop_lightning.callbacks import ChannelsLast
-from noprop_lightning.cli import NoPropCLI
 from noprop_lightning.cli.checkpoints import import_class
-from noprop_lightning.cli.output import quiet_known_noise
+from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.factory import make_cli
+from noprop_lightning.cli.noprop_cli import NoPropCLI
+from noprop_lightning.errors import ConfigurationError
 
 #: Callbacks that change how a config trains. Scripts that replace a config's checkpointing
 #: and measuring callbacks with their own keep these (the others only save or observe).
@@ -40,8 +43,9 @@ def build_from_config(args: Sequence[str]) -> NoPropCLI:
     """The model, data module and trainer exactly as ``noprop-lightning fit`` builds them.
 
     For scripts (benchmarks, protocols) that train what a shipped config describes with their
-    own loop or callbacks: the config goes through :class:`NoPropCLI` with ``run=False`` (data
-    links, checks, the package's defaults), nothing is fitted and no config file is saved.
+    own loop or callbacks: the config goes through :func:`~noprop_lightning.cli.factory.
+    make_cli`, the CLI's own factory (data links, checks, the default seed, the parser
+    settings), with ``run=False``: nothing is fitted and no config file is saved.
 
     Args:
         args: LightningCLI arguments without a subcommand, e.g. ``["--config",
@@ -49,19 +53,20 @@ def build_from_config(args: Sequence[str]) -> NoPropCLI:
 
     Returns:
         The CLI object: ``.model``, ``.datamodule``, ``.trainer``.
+
+    Raises:
+        NoPropUserError: For an unknown, abbreviated or misspelled option, a config value
+            that fails its type check (a :class:`~noprop_lightning.errors.ConfigurationError`),
+            or the user error that a value caused.
     """
-    quiet_known_noise()
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both are given
     try:
-        return NoPropCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_callback=None,
-            run=False,
-            args=list(args),
-        )
+        return make_cli(list(args), run=False, save_config=False)
+    except argparse.ArgumentError as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            raise user_error from err
+        message = condense_parser_message(str(err))
+        raise ConfigurationError(f"invalid option or config value: {message}") from err
     finally:
         sys.argv = argv
