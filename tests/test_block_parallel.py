@@ -2,10 +2,10 @@
 
 The multi-process runs (``tests/parallel_job.py``: Lightning's DDP launcher, gloo on CPU, a
 tiny T=3 model, one seeded sampler for every layout) take about a minute in all. Tolerance:
-none; the parameters, buffers and optimizer states are compared bit for bit. With 2 ranks the
-arithmetic allows it: every block sees the same batches, noise and dropout masks (per-block
-streams), and the shared gradient is summed in the same order (head, then blocks in order) in
-one process and across the two ranks.
+none; the parameters, buffers and optimizer states are compared bit for bit. The arithmetic
+allows it: every block sees the same batches, noise and dropout masks (per-block streams), and
+a learned embedding's gradient is summed in one order (head, then blocks in order) in one
+process and across any number of ranks (``distributed/shared.py``).
 """
 
 from __future__ import annotations
@@ -111,16 +111,25 @@ def test_training_steps_communicate_nothing_of_the_blocks(runs):
     assert all(step == [] for step in load(runs / "single")["steps"])
 
 
-def test_learned_embedding_syncs_only_the_shared_gradients(tmp_path):
-    run_job(tmp_path / "single", "--embedding", "learned")
-    run_job(tmp_path / "bp", "--embedding", "learned", *BLOCK_PARALLEL)
+def test_learned_embedding_at_t10_on_three_ranks_matches_one_process_bit_for_bit(tmp_path):
+    """A learned embedding's gradient is T + 1 contributions (head, then each block); they
+    are summed in block order whatever the split. T = 10 on 3 ranks (blocks 4 + 3 + 3, where
+    summing each rank's blocks first would round differently): bit for bit one process."""
+    learned = ["--embedding", "learned", "--blocks", "10"]
+    run_job(tmp_path / "single", *learned)
+    run_job(tmp_path / "bp", *learned, "--devices", "3", "--strategy", "block_parallel")
     single = load(tmp_path / "single")
-    # head: Linear(5, 4) = 24 values, embedding 4 x 5 = 20: 44 float32 = 176 bytes per step.
-    shared_bytes = 4 * (5 * 4 + 4 + 4 * 5)
-    for rank in (0, 1):
+    # One flat all-reduce a batch: the head (Linear(5, 4): 24 values) and the embedding's
+    # head part (4 x 5 = 20), then one embedding-sized slot per block (10 x 20).
+    shared_bytes = 4 * (24 + 20 + 10 * 20)
+    for rank in (0, 1, 2):
         bp = load(tmp_path / "bp", rank)
+        assert bp["world_size"] == 3
         assert all(s == [("all_reduce", 8), ("all_reduce", shared_bytes)] for s in bp["steps"])
         assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
+    assert equal(
+        ckpt(tmp_path / "bp")["optimizer_states"], ckpt(tmp_path / "single")["optimizer_states"]
+    )
 
 
 def test_clipping_and_accumulation_under_block_parallel_match_one_process(tmp_path):

@@ -547,10 +547,19 @@ def test_threaded_dropout_masks_are_each_blocks_own_and_match_sequential():
 
 
 def test_two_threaded_fits_with_dropout_give_the_same_weights(tmp_path):
+    """Dropout and a learned embedding (whose gradient each block adds to): two threaded fits
+    and a sequential one end bit for bit equal (the embedding's contributions are summed in
+    block order, not in the order the threads finish)."""
     states = []
-    for _ in range(2):
+    for mode in ("threaded", "threaded", "sequential"):
         L.seed_everything(3, verbose=False)
-        module = make(network=tiny_network(dropout=0.3), execution={"mode": "threaded"})
+        network = tiny_network(dropout=0.3)
+        module = make(network=network, embedding="learned", execution={"mode": mode})
         tiny_trainer(tmp_path, max_epochs=2).fit(module, tiny_loader(n=32), tiny_loader(8, seed=1))
         states.append(module.state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in states[0])
+    L.seed_everything(3, verbose=False)
+    start = make(network=tiny_network(dropout=0.3), embedding="learned")
+    key = "objective.embedding._weight"  # the embedding was trained
+    assert not torch.equal(states[0][key], start.state_dict()[key])

@@ -54,7 +54,8 @@ class TrainingPlan:
             its block group): it sends the block where evaluation and checkpoints need it.
         replica_group: The ranks of this block group (one per replica), ``None`` if ``r = 1``.
         shared_over_world: The shared head/embedding is learned by every rank (a trainable
-            embedding): its gradient is summed over the world, then averaged over replicas.
+            embedding): each batch's gradient contributions are summed over the world in
+            block order, then averaged over replicas (``SharedGradients``).
     """
 
     layout: BlockLayout
@@ -78,15 +79,14 @@ class TrainingPlan:
     ) -> None:
         """Average what this rank trains over its replicas, before the optimizers step.
 
-        - With ``r > 1``: the gradients of this rank's blocks (and of the head when this
-          block group owns it alone) are averaged over the replica group, in one flat
-          all-reduce.
-        - A learned shared part: its gradient is summed over every rank (each adds its
-          blocks' share of the mean denoising loss; group 0 the head's ``CE + KL``), then
-          divided by ``r``.
+        With ``r > 1``, the gradients of this rank's blocks (and of the head when this
+        block group owns it alone) are averaged over the replica group, in one flat
+        all-reduce. A learned shared part (``shared_over_world``) is not touched here: each
+        batch's contributions are summed over every rank, slot by slot in block order, by
+        :class:`~noprop_lightning.distributed.shared.SharedGradients`.
 
-        Nothing is sent with one replica and a fixed embedding, nor under DDP (``"summed"``
-        backward), whose reducer has averaged every gradient already.
+        Nothing is sent with one replica, nor under DDP (``"summed"`` backward), whose
+        reducer has averaged every gradient already.
         """
         if self.backward == "summed":
             return
@@ -95,8 +95,6 @@ class TrainingPlan:
             local += list(shared_params)
         if self.replicas > 1 and local:
             _all_reduce_grads(local, self.replica_group, 1.0 / self.replicas)
-        if self.shared_over_world and shared_params:
-            _all_reduce_grads(list(shared_params), None, 1.0 / self.replicas)
 
 
 def _all_reduce_grads(params: list[nn.Parameter], group: Any, scale: float) -> None:

@@ -98,7 +98,8 @@ class FusedExecutor:
             name: torch.stack([block.get_buffer(name) for block in blocks]).detach()
             for name in buffer_names
         }
-        u, weight = objective.targets(batch.y, batch.shared_grad_scale)
+        shared = batch.shared_weight(objective.embedding.weight, chunk[0])
+        u, weight = objective.targets(batch.y, batch.shared_grad_scale, shared)
         z = objective.block_inputs(u, chunk, batch.noise[chunk])
         template = blocks[0]
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from noprop_lightning.distributed import BlockLayout, canonicalize, localize
 from noprop_lightning.distributed.plan import TrainingPlan, plan_for
+from noprop_lightning.distributed.shared import SharedGradients
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.noprop_base import NoPropBase
 from noprop_lightning.modules.optim import OptimizerGroup, build_optimizer
@@ -133,6 +134,17 @@ class BlockwiseModule(NoPropBase):
         if self.objective.embedding.trainable:
             params += list(self.objective.embedding.parameters())
         return params
+
+    def shared_gradients(self, one_backward: bool) -> SharedGradients | None:
+        """A collector for this batch's learned-embedding gradient, summed in block order.
+
+        ``None`` without a learned embedding this process steps, or with one summed backward
+        (DDP: its reducer sums over ranks itself).
+        """
+        if one_backward or not (self.layout.shared and self.shared_is_trainable()):
+            return None
+        weight = self.objective.embedding.weight
+        return SharedGradients(self.shared_parameters(), weight, len(self.blocks))
 
     # ------------------------------------------------------------------ random streams
     def next_streams(self) -> BlockStreams:

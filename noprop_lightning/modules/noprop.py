@@ -260,18 +260,17 @@ class NoPropModule(BlockwiseModule):
         # The embedding sees the mean over the blocks updated on this batch, in every process
         # together: 1/T with block_order 'all' (whichever blocks this process trains).
         scale = 1.0 / (self.num_blocks if self.block_order == "all" else 1)
-        step = DTBatch(x, y, block_noise, shared_grad_scale=scale, streams=streams)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
         plan = self.plan
         one_backward, backward = plan.backward == "summed", self.block_backward
+        shared = self.shared_gradients(one_backward)  # a learned embedding's, in block order
+        step = DTBatch(x, y, block_noise, scale, streams, shared.leaves if shared else None)
         head = {}
         if self.layout.head_loss:
             head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
         attached = sum(head.values(), torch.zeros((), device=self.device))
         if head and not one_backward:
-            # First: the shared gradient then sums in the same order however the blocks are
-            # spread (head, then blocks in order), so block_parallel matches one process.
             self.manual_backward(attached / accumulate)
         block_losses = (  # none in a head-only job (execution.train_blocks: [])
             self.executor.run(
@@ -287,8 +286,9 @@ class NoPropModule(BlockwiseModule):
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
         terms = {{"loss_head": "head cross-entropy", "kl": "KL"}[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
-        if steps_now:
-            # block_parallel: replicas average gradients, a learned embedding sums over ranks.
+        if shared is not None:
+            shared.finish(plan)
+        if steps_now:  # block_parallel: replicas average gradients
             plan.synchronize_gradients(
                 [p for t in block_ids for p in self.blocks[t].parameters()],
                 self.shared_parameters() if self.layout.shared else [],

@@ -62,6 +62,11 @@ class DTBatch(NamedTuple):
         streams: The step's per-block random streams; an executor that can runs block
             ``t``'s update inside ``streams.fork(t)`` (its dropout masks). ``None``: the
             global generator.
+        shared_leaves: Where each block's loss puts the leaf standing for a learned
+            embedding (:meth:`shared_weight`), so its gradient stays apart from the other
+            blocks' until they are summed in block order
+            (:class:`~noprop_lightning.distributed.shared.SharedGradients`). ``None``:
+            the blocks' gradients go to the embedding directly (one summed backward).
     """
 
     x: torch.Tensor
@@ -69,6 +74,20 @@ class DTBatch(NamedTuple):
     noise: torch.Tensor
     shared_grad_scale: float = 1.0
     streams: BlockStreams | None = None
+    shared_leaves: dict[int, torch.Tensor] | None = None
+
+    def shared_weight(self, weight: torch.Tensor, key: int) -> torch.Tensor:
+        """The embedding matrix as the loss of block ``key`` (or of a chunk from it) reads it.
+
+        With :attr:`shared_leaves` and a trainable ``weight``: a new leaf of the same value,
+        registered under ``key`` (thread-safe: each block has its own key), whose gradient
+        is that block's contribution alone. Otherwise ``weight`` itself.
+        """
+        if self.shared_leaves is None or not weight.requires_grad:
+            return weight
+        leaf = weight.detach().requires_grad_(True)
+        self.shared_leaves[key] = leaf
+        return leaf
 
     def block_randomness(self, t: int) -> contextlib.AbstractContextManager:
         """The context in which block ``t``'s update draws its dropout masks (main thread).
@@ -198,18 +217,21 @@ class DTObjective(nn.Module):
         return block_noise, torch.randn(shape[1:], device=device, generator=generator)
 
     def targets(
-        self, y: torch.Tensor, shared_grad_scale: float = 1.0
+        self, y: torch.Tensor, shared_grad_scale: float = 1.0, weight: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u_y, W_embed)`` as the block losses use them.
 
         Args:
             y: ``(B,)`` labels.
             shared_grad_scale: Factor on the gradient these tensors pass to the embedding.
+            weight: The embedding matrix to read (:meth:`DTBatch.shared_weight`); default
+                the embedding's own.
 
         Returns:
             ``(B, d)`` clean label embeddings and the ``(K, d)`` embedding matrix.
         """
-        weight = scale_grad(self.embedding.weight, shared_grad_scale)
+        weight = self.embedding.weight if weight is None else weight
+        weight = scale_grad(weight, shared_grad_scale)
         return weight[y], weight
 
     def block_inputs(
@@ -254,7 +276,8 @@ class DTObjective(nn.Module):
         Every call builds its own graph from the embedding, so several threads may
         back-propagate block losses at the same time.
         """
-        u, weight = self.targets(batch.y, batch.shared_grad_scale)
+        shared = batch.shared_weight(self.embedding.weight, t)
+        u, weight = self.targets(batch.y, batch.shared_grad_scale, shared)
         z = self.block_inputs(u, [t], batch.noise[t].unsqueeze(0))[0]
         return self.block_losses(block(batch.x, z).unsqueeze(0), u, weight, [t])[0]
 
