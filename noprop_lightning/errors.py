@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 
@@ -40,6 +41,29 @@ class TrainingDivergedError(NoPropUserError, RuntimeError):
     The check runs before any optimizer step of the batch, so the weights in memory are those
     of the previous step and the checkpoints on disk are untouched.
     """
+
+
+#: ``errno`` values of a write the machine refused: read-only, no permission, disk full.
+UNWRITABLE = frozenset(
+    {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+)
+
+
+class StorageError(NoPropUserError, OSError):
+    """A file or folder of the run could not be written (read-only, no permission, full)."""
+
+    @classmethod
+    def from_os_error(cls, err: OSError) -> StorageError:
+        """The one-paragraph message for ``err`` (what, where, and how to go on)."""
+        where = f": {err.filename}" if err.filename else ""
+        reason = err.strerror or str(err)
+        return cls(
+            f"{reason}{where}. The run's folders must be writable and have space: make the "
+            "folder writable or free some space, or point the logger's save_dir "
+            "(--trainer.logger.init_args.save_dir) and the checkpoint callbacks' dirpath at "
+            "another folder; checkpoints already written are intact (resume with --ckpt_path "
+            "last)."
+        )
 
 
 def exit_status(command: Callable[[], object]) -> int:

@@ -1,14 +1,26 @@
-"""``merge`` never writes over a job's checkpoint, nor silently over any file."""
+"""Nothing lost, nothing silent: ``merge`` never writes over a job's checkpoint, NaN data and
+steps stop truthfully, and an unwritable or full run folder is one error line."""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from noprop_lightning import NoPropModule
-from noprop_lightning.callbacks import LastCheckpoint
+from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, atomic
+from noprop_lightning.errors import CheckpointError
 from noprop_lightning.merge import main as merge_main
 from tests.helpers import TINY, tiny_loader, tiny_trainer
+from tests.test_cli_errors import QUICK, run_main
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +125,91 @@ def test_nan_or_inf_in_validation_data_stops_with_the_batch_and_samples(tmp_path
                        r"batch 1, sample\(s\) 3 of the batch \(1 of 8\)"):  # fmt: skip
         trainer.fit(NoPropModule(**TINY, num_blocks=2), tiny_loader(n=16),
                     DataLoader(TensorDataset(x, y), batch_size=8))  # fmt: skip
+
+
+# ---------------------------------------------------------------- unwritable run folders
+@contextlib.contextmanager
+def unwritable_folder(path: Path, *, full: bool = False) -> Iterator[Path]:
+    """A real read-only (or small: 64 KiB) folder: a tmpfs mounted ``ro`` (or ``size=64k``)
+    as root, ``chmod 0o500`` otherwise (small needs the mount). Skips where neither works."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        if full:
+            pytest.skip("a full filesystem needs root (a tmpfs mount)")
+        path.chmod(0o500)
+        try:
+            yield path
+        finally:
+            path.chmod(0o700)
+        return
+    options = "size=64k" if full else "ro,size=4k"
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                           capture_output=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def quick_fit(*extra: str) -> list[str]:
+    """The tiny quick-start fit of ``tests/test_cli_errors.py`` with a logger or checkpoints."""
+    args = list(QUICK)
+    del args[args.index("--trainer.logger") : args.index("--trainer.logger") + 2]
+    return [*args, *extra]
+
+
+def test_a_read_only_run_folder_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with unwritable_folder(tmp_path / "ro") as folder:
+        code, error = run_main(quick_fit("--trainer.logger.init_args.save_dir", str(folder)),
+                               capsys)  # fmt: skip
+    assert code == 2
+    assert re.match(r"error: (Read-only file system|Permission denied): .*ro", error), error
+    assert "--trainer.logger.init_args.save_dir" in error
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with unwritable_folder(tmp_path / "full", full=True) as folder:
+        # The run's config.yaml (2 KiB) fits, the checkpoint (160 KiB) does not.
+        last = '[{"class_path": "noprop_lightning.callbacks.LastCheckpoint"}]'
+        args = quick_fit(
+            *("--trainer.logger", "false", "--trainer.default_root_dir", str(folder)),
+            *("--trainer.enable_checkpointing", "true", "--trainer.callbacks", last),
+        )
+        code, error = run_main(args, capsys)
+        assert code == 2
+        assert "no space left on the device while saving the checkpoint" in error
+        assert ".ckpt was written" in error  # "No ....ckpt was written": truthful
+        assert not list(folder.rglob("*.ckpt*"))  # no partial file left behind
+
+
+def test_a_write_that_fails_inside_torch_save_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """torch.save reports a failed write as a bare RuntimeError ("unexpected pos"); the
+    checkpoint IO keeps the OSError and says what happened (any machine: a mocked disk)."""
+    real_fdopen = os.fdopen
+
+    class FullAfter(io.RawIOBase):
+        def __init__(self, handle: int) -> None:
+            self.file, self.room = real_fdopen(handle, "wb"), 100
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def close(self) -> None:
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(atomic.os, "fdopen", lambda handle, mode: FullAfter(handle))
+    target = tmp_path / "last.ckpt"
+    with pytest.raises(CheckpointError, match="no space left on the device .*No last.ckpt"):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.ones(10_000)}, target)
+    assert list(tmp_path.iterdir()) == []

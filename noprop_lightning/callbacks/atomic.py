@@ -53,16 +53,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
         except OSError as err:
             raise _save_error(target, err) from err
+        writer: _KeepsWriteErrors | None = None
         try:
             with os.fdopen(handle, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _KeepsWriteErrors(f)
+                torch.save(checkpoint, writer)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                raise _save_error(target, err) from err
+            # torch.save reports a failed write (a full disk) as a bare RuntimeError.
+            cause = err if isinstance(err, OSError) else writer and writer.error
+            if cause is not None:
+                raise _save_error(target, cause) from err
+            raise
+
+
+class _KeepsWriteErrors:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write.
+
+    ``torch.save`` turns it into ``RuntimeError("... unexpected pos ...")``; the kept error
+    says what happened (``ENOSPC``: no space left).
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as err:
+            self.error = err
             raise
 
 

@@ -15,7 +15,12 @@ from lightning.pytorch import Trainer
 
 from noprop_lightning.cli.checkpoints import import_class, names_subclass
 from noprop_lightning.distributed import STRATEGY_NAME, BlockParallelStrategy
-from noprop_lightning.errors import ConfigurationError, NoPropUserError
+from noprop_lightning.errors import (
+    UNWRITABLE,
+    ConfigurationError,
+    NoPropUserError,
+    StorageError,
+)
 
 #: Accelerator names and how to tell whether this machine has one.
 _ACCELERATORS = {
@@ -77,13 +82,17 @@ def find_user_error(err: BaseException) -> NoPropUserError | None:
     """The :class:`NoPropUserError` that caused ``err`` (it may be wrapped), if any.
 
     jsonargparse wraps errors raised while instantiating classes in a ``ValueError`` whose
-    ``__cause__`` is the original error.
+    ``__cause__`` is the original error. A refused write (read-only folder, no permission,
+    full disk: e.g. the logger creating its folder) is the machine's answer, not a bug: it
+    becomes a :class:`~noprop_lightning.errors.StorageError`.
     """
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         if isinstance(current, NoPropUserError):
             return current
+        if isinstance(current, OSError) and current.errno in UNWRITABLE:
+            return StorageError.from_os_error(current)
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
