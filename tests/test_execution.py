@@ -546,20 +546,36 @@ def test_threaded_dropout_masks_are_each_blocks_own_and_match_sequential():
     assert not torch.equal(run_once(plain, plain.executor, x, y, noise), ref_losses)
 
 
+def fitted_states(tmp_path, modes, accelerator: str = "cpu") -> list[dict]:
+    """The final state_dicts of same-seed fits with dropout and a learned embedding."""
+    states = []
+    for mode in modes:
+        L.seed_everything(3, verbose=False)
+        network = tiny_network(dropout=0.3)
+        module = make(network=network, embedding="learned", execution={"mode": mode})
+        trainer = tiny_trainer(tmp_path, max_epochs=2, accelerator=accelerator)
+        trainer.fit(module, tiny_loader(n=32), tiny_loader(8, seed=1))
+        states.append({k: v.cpu() for k, v in module.state_dict().items()})
+    return states
+
+
 def test_two_threaded_fits_with_dropout_give_the_same_weights(tmp_path):
     """Dropout and a learned embedding (whose gradient each block adds to): two threaded fits
     and a sequential one end bit for bit equal (the embedding's contributions are summed in
     block order, not in the order the threads finish)."""
-    states = []
-    for mode in ("threaded", "threaded", "sequential"):
-        L.seed_everything(3, verbose=False)
-        network = tiny_network(dropout=0.3)
-        module = make(network=network, embedding="learned", execution={"mode": mode})
-        tiny_trainer(tmp_path, max_epochs=2).fit(module, tiny_loader(n=32), tiny_loader(8, seed=1))
-        states.append(module.state_dict())
+    states = fitted_states(tmp_path, ("threaded", "threaded", "sequential"))
     for other in states[1:]:
         assert all(torch.equal(states[0][k], other[k]) for k in states[0])
     L.seed_everything(3, verbose=False)
     start = make(network=tiny_network(dropout=0.3), embedding="learned")
     key = "objective.embedding._weight"  # the embedding was trained
     assert not torch.equal(states[0][key], start.state_dict()[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_threaded_fit_with_learned_embedding_equals_sequential(tmp_path, monkeypatch):
+    """On a GPU (worker CUDA streams), deterministic cuDNN: threaded = sequential, bit for bit."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    states = fitted_states(tmp_path, ("threaded", "sequential"), accelerator="gpu")
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
