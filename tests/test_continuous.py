@@ -1,5 +1,7 @@
 """NoProp-CT / NoProp-FM: schedule, samplers, time-conditioned block and the modules."""
 
+import copy
+import math
 from pathlib import Path
 from unittest import mock
 
@@ -340,10 +342,53 @@ def test_checkpoint_round_trip_reproduces_predictions(tmp_path, make, embedding)
         torch.testing.assert_close(loaded.schedule.gamma_0, m.schedule.gamma_0)
 
 
+def hand_ct_losses(
+    m: NoPropCTModule,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    final: torch.Tensor,
+    eta: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The CT loss terms from the paper's formulas, differentiable in every parameter of ``m``:
+    abar = SNR / (1 + SNR) with SNR = exp(-gamma), z_t = sqrt(abar) u + sqrt(1 - abar) eps,
+    weight 0.5 eta SNR'(t) with SNR' taken by autograd (not the module's analytic derivative),
+    CE of the head on z_1 and the KL of N(sqrt(abar_0) u, 1 - abar_0) from N(0, I)."""
+    u = m.embedding(y)
+    times = t.clone().requires_grad_(True)
+    snr = torch.exp(-m.schedule.gamma(times))
+    (dsnr,) = torch.autograd.grad(snr.sum(), times, create_graph=True)
+    abar = (snr / (1 + snr)).unsqueeze(-1)
+    z_t = abar.sqrt() * u + (1 - abar).sqrt() * noise
+    uhat = torch.softmax(m.net(x, z_t, t), -1) @ m.embedding.weight
+    denoise = (0.5 * eta * dsnr * (uhat - u).pow(2).sum(-1)).mean()
+    snr_0, snr_1 = torch.exp(-m.schedule.gamma(torch.tensor([0.0, 1.0])))
+    abar_0, abar_1 = snr_0 / (1 + snr_0), snr_1 / (1 + snr_1)
+    z_1 = abar_1.sqrt() * u + (1 - abar_1).sqrt() * final
+    ce = torch.nn.functional.cross_entropy(m.head(z_1), y)
+    kl = (0.5 * (abar_0 * u.pow(2) + (1 - abar_0) - 1 - torch.log(1 - abar_0))).sum(-1).mean()
+    return {"loss": ce + kl + denoise, "ce": ce, "kl": kl, "denoise": denoise}
+
+
 def test_ct_trains_schedule_head_and_embedding_with_one_optimizer():
+    """One Adam over every parameter. On one batch, the logged terms equal the CT loss
+    recomputed by hand (the initial schedule's endpoints and the KL in closed form), and the
+    step moves every parameter (schedule, head, embedding, network) by Adam's first step,
+    ``-lr * g / (|g| + eps)``, of the gradient of that hand-computed loss."""
     torch.manual_seed(0)
-    m = make_ct(embedding="learned", embed_dim=6)
-    trainer = tiny_trainer(max_epochs=1, limit_val_batches=0)
+    m = make_ct(embedding="learned", embed_dim=6, network=tiny_network(dropout=0.0))
+    initial = copy.deepcopy(m)
+    draws = []
+    draw = m.objective.draws
+
+    def recording_draws(*args):
+        drawn = draw(*args)
+        draws.append(tuple(d.clone() for d in drawn))
+        return drawn
+
+    m.objective.draws = recording_draws
+    trainer = tiny_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(m, tiny_loader())
     (opt,) = trainer.optimizers
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3
@@ -352,6 +397,28 @@ def test_ct_trains_schedule_head_and_embedding_with_one_optimizer():
     metrics = trainer.callback_metrics
     for key in ("train/ce", "train/kl", "train/denoise", "train/gamma_0", "train/gamma_1"):
         assert torch.isfinite(metrics[key])
+    # The initial schedule: SNR(0) = 1e-3, SNR(1) = 100 (logged before the step).
+    assert float(metrics["train/gamma_0"]) == pytest.approx(math.log(1000.0), rel=1e-6)
+    assert float(metrics["train/gamma_1"]) == pytest.approx(-math.log(100.0), rel=1e-6)
+    x, y = next(iter(tiny_loader()))
+    ((t, noise, final),) = draws
+    terms = hand_ct_losses(initial, x, y, t, noise, final)
+    for key, value in terms.items():
+        torch.testing.assert_close(
+            metrics[f"train/{key}"], value.detach(), rtol=1e-5, atol=3e-7, msg=key
+        )
+    abar_0 = 1e-3 / (1 + 1e-3)
+    u = initial.embedding(y).detach().double()
+    kl = (0.5 * (abar_0 * u.pow(2) + (1 - abar_0) - 1 - math.log(1 - abar_0))).sum(-1).mean()
+    # float32 KL: 6 (1 - abar_0) - 6 rounds to ~2e-7 (the value is ~5e-4)
+    torch.testing.assert_close(metrics["train/kl"].double(), kl, rtol=1e-5, atol=3e-7)
+    names, params = zip(*initial.named_parameters(), strict=True)
+    grads = torch.autograd.grad(terms["loss"], params)
+    after = dict(m.named_parameters())
+    for name, before, g in zip(names, params, grads, strict=True):
+        assert torch.count_nonzero(g) > 0, f"{name} gets no gradient"
+        expected = before.detach() - 1e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after[name].detach(), expected, rtol=0, atol=1e-6, msg=name)
     frozen = make_ct(objective={"learn_endpoints": False})
     assert not frozen.schedule.gamma_end.requires_grad and not frozen.schedule.raw_gap.requires_grad
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -54,11 +55,22 @@ def test_reduce_lr_on_plateau_watches_val_loss_for_every_module(name):
     assert all(math.isfinite(c.scheduler.best) for c in configs)
 
 
+#: The paper's optimizers (Table 3): AdamW with weight decay 1e-3 for DT and backprop,
+#: Adam without weight decay for CT and FM; lr 1e-3 for all.
+PAPER_WEIGHT_DECAY = {"dt": 1e-3, "ct": 0.0, "fm": 0.0, "backprop": 1e-3}
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_default_optimizers_use_the_fused_step_on_cpu(name):
     """Torch steps Adam/AdamW with its for-loop implementation on CPU unless told otherwise;
-    the package's defaults ask for the fused one (about 5x faster on the paper's blocks)."""
-    configured = MODULES[name]().configure_optimizers()
+    the package's defaults ask for the fused one (about 5x faster on the paper's blocks).
+
+    Checked by behaviour: a step runs torch's fused kernel (``_fused_adamw_`` for AdamW,
+    ``_fused_adam_`` for Adam) on every parameter of every optimizer and gives the paper's
+    first step ``p (1 - lr wd) - lr g / (|g| + eps)``.
+    """
+    module = MODULES[name]().double()  # float64: the step is checked to rounding
+    configured = module.configure_optimizers()
     if isinstance(configured, torch.optim.Optimizer):  # one optimizer
         configured = [configured]
     elif isinstance(configured, dict):  # one optimizer with its scheduler
@@ -67,6 +79,27 @@ def test_default_optimizers_use_the_fused_step_on_cpu(name):
         configured = configured[0]
     optimizers = [o["optimizer"] if isinstance(o, dict) else o for o in configured]
     assert optimizers and all(o.defaults["fused"] is True for o in optimizers)
+    params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in module.parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    before = [p.detach().clone() for p in params]
+    with (
+        mock.patch.object(torch, "_fused_adam_", wraps=torch._fused_adam_) as adam,
+        mock.patch.object(torch, "_fused_adamw_", wraps=torch._fused_adamw_) as adamw,
+    ):
+        for optimizer in optimizers:
+            optimizer.step()
+    decoupled = PAPER_WEIGHT_DECAY[name] > 0
+    fused, other = (adamw, adam) if decoupled else (adam, adamw)
+    assert other.call_count == 0
+    stepped = [id(p) for call in fused.call_args_list for p in call.args[0]]
+    assert sorted(stepped) == sorted(id(p) for p in params)  # each parameter once, fused
+    lr, wd = 1e-3, PAPER_WEIGHT_DECAY[name]
+    for p, old in zip(params, before, strict=True):
+        expected = old * (1 - lr * wd) - lr * p.grad / (p.grad.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
 
 
 def test_fused_step_only_where_torch_has_it():

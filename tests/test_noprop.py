@@ -1,8 +1,10 @@
+import math
 from unittest import mock
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.errors import ConfigurationError
@@ -167,17 +169,79 @@ def test_checkpoint_round_trip_reproduces_predictions(tmp_path):
     torch.testing.assert_close(loaded.predict_logits(x), m.predict_logits(x), rtol=0, atol=0)
 
 
+class StateRecorder(L.Callback):
+    """Keeps a copy of the module's state at the start of every training batch."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def hand_dt_losses(
+    m: NoPropModule, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, final: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The DT loss terms of one batch from the paper's formulas, in float64 where it matters:
+    cosine abar (SNR(0) = 1e-3, SNR(T) = 100), z_t ~ q(z_t | y), weight (T/2) eta dSNR,
+    CE on z_T and the KL of N(sqrt(abar_0) u, 1 - abar_0) from N(0, I)."""
+    T = m.num_blocks
+    lo, hi = 1e-3 / (1 + 1e-3), 100.0 / 101.0
+    abar = [lo + (hi - lo) * math.sin(0.5 * math.pi * t / T) ** 2 for t in range(T + 1)]
+    snr = [a / (1 - a) for a in abar]
+    u = m.embedding.weight.detach()[y]
+    terms = {}
+    with torch.no_grad():
+        for t in range(T):
+            z = math.sqrt(abar[t]) * u + math.sqrt(1 - abar[t]) * noise[t]
+            uhat = torch.softmax(m.blocks[t](x, z), -1) @ m.embedding.weight
+            error = (uhat.double() - u.double()).pow(2).sum(-1).mean()
+            terms[f"loss_block_{t + 1}"] = 0.5 * T * 0.1 * (snr[t + 1] - snr[t]) * error
+        z_final = math.sqrt(abar[T]) * u + math.sqrt(1 - abar[T]) * final
+        terms["loss_head"] = F.cross_entropy(m.head(z_final).double(), y)
+        mean_sq, var = abar[0] * u.double().pow(2), 1 - abar[0]
+        terms["kl"] = (0.5 * (mean_sq + var - 1 - math.log(var))).sum(-1).mean()
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
 def test_per_block_losses_are_logged():
+    """The logged train/* values are the epoch means (weighted by batch size) of the losses
+    recomputed by hand from each batch's weights and noise."""
     torch.manual_seed(0)
-    m = make()
-    trainer = tiny_trainer(max_epochs=1)
-    trainer.fit(m, tiny_loader(), tiny_loader())
+    m = make(network=tiny_network(dropout=0.0))  # no dropout: the recomputation is exact
+    draws = []
+    draw_noise = m.draw_noise
+
+    def recording_draw_noise(*args, **kwargs):
+        drawn = draw_noise(*args, **kwargs)
+        draws.append(tuple(n.clone() for n in drawn))
+        return drawn
+
+    m.draw_noise = recording_draw_noise
+    recorder = StateRecorder()
+    trainer = tiny_trainer(max_epochs=1, callbacks=[recorder])
+    train = tiny_loader(n=12)  # batches of 8 and 4: the epoch mean is weighted by batch size
+    trainer.fit(m, train, tiny_loader())
     metrics = trainer.callback_metrics
     for t in range(1, 4):
         value = metrics[f"train/loss_block_{t}"]
         assert torch.isfinite(value) and value > 0
     assert 0 <= metrics["val/acc"] <= 1
     assert {"train/loss_head", "train/kl", "val/loss"} <= set(metrics)
+    assert len(draws) == len(recorder.states) == 2
+    reference = make(network=tiny_network(dropout=0.0)).train()  # BatchNorm: batch statistics
+    per_batch, sizes = [], []
+    for (x, y), state, (noise, final) in zip(train, recorder.states, draws, strict=True):
+        reference.load_state_dict(state)
+        per_batch.append(hand_dt_losses(reference, x, y, noise, final))
+        sizes.append(len(y))
+    for name in per_batch[0]:
+        weighted = [n * terms[name] for n, terms in zip(sizes, per_batch, strict=True)]
+        expected = sum(weighted) / sum(sizes)
+        got = metrics[f"train/{name}"].double()
+        # atol: the float32 KL, 4 (1 - abar_0) - 4, rounds to ~1e-7 (the value is ~5e-4)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=3e-7, msg=name)
 
 
 def test_block_losses_use_snr_weights():

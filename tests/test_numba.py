@@ -10,6 +10,7 @@ float64.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -216,26 +217,65 @@ def test_bfloat16_block_outputs_are_computed_in_float32():
 
 
 def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
-    """A fresh interpreter: a large call initialises Numba's threading layer (no fallback)."""
+    """A fresh interpreter, default settings, tensors above ``PARALLEL_MIN_ELEMENTS``: each of
+    the six kernels runs in its ``parallel=True`` variant (none falls back to the serial one
+    or to torch), Numba's threading layer starts, and the results are torch's numbers."""
     script = textwrap.dedent(
         """
+        import json
         import numba, torch
-        from noprop_lightning.objectives.numba_calls import PARALLEL_MIN_ELEMENTS
+        from noprop_lightning.objectives import numba_calls
         from noprop_lightning.objectives.numba_ops import NumbaDiffusionOps
-        ops = NumbaDiffusionOps()
-        u = torch.randn(4096, 10, requires_grad=True)
-        noise = torch.randn(10, 4096, 10)
-        assert noise.numel() >= PARALLEL_MIN_ELEMENTS
-        z = ops.sample_marginals(u, torch.rand(10), torch.rand(10), noise)
-        z.sum().backward()
-        print("layer", numba.threading_layer())
+        from noprop_lightning.schedules import TorchDiffusionOps
+
+        torch.set_num_threads(1)  # as the fixture: Numba's idle threads spin for a while
+        kernels = numba_calls._KERNELS_BY_DTYPE[torch.float32]
+        ran = []
+        for name, (parallel, serial) in list(kernels.items()):
+            assert parallel.targetoptions.get("parallel") is True, name
+            def run_parallel(*args, kernel=parallel, name=name):
+                ran.append(name)
+                return kernel(*args)
+            kernels[name] = (run_parallel, serial)
+        g = torch.Generator().manual_seed(0)
+        k, batch, dim = 10, 4096, 10
+        u = torch.randn(batch, dim, generator=g)
+        assert u.numel() >= numba_calls.PARALLEL_MIN_ELEMENTS
+        signal, scale, weights = (torch.rand(k, generator=g) for _ in range(3))
+        noise, uhat, grad_z = (torch.randn(k, batch, dim, generator=g) for _ in range(3))
+        grad_loss = torch.randn(k, generator=g)
+        a, b, c = torch.rand(3, generator=g).unbind()
+        results = []
+        for ops in (TorchDiffusionOps(), NumbaDiffusionOps()):  # torch before Numba's threads
+            u_z, u_loss = u.clone().requires_grad_(True), u.clone().requires_grad_(True)
+            uhat_loss = uhat.clone().requires_grad_(True)
+            z = ops.sample_marginals(u_z, signal, scale, noise)
+            (z * grad_z).sum().backward()  # backward(grad) would import sympy: 0.5 s
+            losses = ops.denoising_losses(uhat_loss, u_loss, weights)
+            (losses * grad_loss).sum().backward()
+            with torch.no_grad():
+                update = ops.inference_update(uhat[0], u, a, b, c, noise[0])
+                update_det = ops.inference_update(uhat[0], u, a, b, c)
+            results.append((z, update, update_det, losses, u_z.grad, uhat_loss.grad, u_loss.grad))
+        expected, got = results
+        for i in range(3):  # sampling and the updates: same operations, same order
+            assert torch.equal(got[i].detach(), expected[i].detach()), i
+        # torch.allclose, not torch.testing (whose import costs half a second)
+        assert torch.allclose(got[3], expected[3], rtol=1e-6, atol=1e-7)
+        for n, e in zip(got[4:], expected[4:]):  # summed in another order than torch
+            assert torch.allclose(n, e, rtol=1e-6, atol=1e-6 * float(e.abs().max()))
+        print(json.dumps({"ran": ran, "layer": numba.threading_layer()}))
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
-    assert "layer " in out.stdout
-    assert out.stdout.split("layer ")[1].strip() in {"omp", "tbb", "workqueue"}
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(report["ran"]) == sorted(
+        ["sample", "sample_grad", "loss", "loss_grad", "update", "update_deterministic"]
+    )
+    assert report["layer"] in {"omp", "tbb", "workqueue"}
 
 
 def test_module_with_numba_never_calls_the_torch_ops():
