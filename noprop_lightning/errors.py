@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -64,6 +65,15 @@ class StorageError(NoPropUserError, OSError):
             "another folder; checkpoints already written are intact (resume with --ckpt_path "
             "last)."
         )
+
+
+def warn_deprecated(old: str, new: str, since: str = "0.2", removal: str = "1.0") -> None:
+    """Warn once per call site that ``old`` is a pre-``since`` name of ``new``."""
+    warnings.warn(
+        f"{old} is the name before {since} of {new}; it will be removed in {removal}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def exit_status(command: Callable[[], object]) -> int:

@@ -1,12 +1,15 @@
-"""The names of ``noprop_lightning.diffusion`` before 0.2, kept so old imports work.
+"""Deprecated: the names of ``noprop_lightning.diffusion`` before 0.2 (removed in 1.0).
 
-The schedules moved to :mod:`noprop_lightning.schedules` and the Numba backend to
+Importing it warns (``DeprecationWarning``). The schedules moved to
+:mod:`noprop_lightning.schedules`, the backends to :mod:`noprop_lightning.objectives`
+(``build_diffusion_ops``) and the Numba backend to
 :mod:`noprop_lightning.objectives.numba_ops` (imported, with :mod:`numba`, only when one of
 its names is asked for).
 """
 
 from typing import Any
 
+from noprop_lightning.errors import warn_deprecated
 from noprop_lightning.objectives.backends import DIFFUSION_BACKENDS, build_diffusion_ops
 from noprop_lightning.schedules import (
     CosineSchedule,
@@ -16,6 +19,10 @@ from noprop_lightning.schedules import (
     flow_matching_interpolant,
     flow_matching_sample,
     integrate,
+)
+
+warn_deprecated(
+    "noprop_lightning.diffusion", "noprop_lightning.schedules and noprop_lightning.objectives"
 )
 
 

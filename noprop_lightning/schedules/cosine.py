@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.errors import ConfigurationError, warn_deprecated
 from noprop_lightning.schedules.ops import DiffusionOps, TorchDiffusionOps
 
 
@@ -146,8 +147,10 @@ class CosineSchedule(nn.Module):
         i = t - 1
         return self.ops.inference_update(uhat, z_prev, self.a[i], self.b[i], self.sqrt_c[i], noise)
 
-    #: The name of :meth:`step` before 0.2.
-    inference_step = step
+    def inference_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Deprecated: the name of :meth:`step` before 0.2 (warns; removed in 1.0)."""
+        warn_deprecated("CosineSchedule.inference_step", "CosineSchedule.step")
+        return self.step(*args, **kwargs)
 
     def kl_prior(self, u: torch.Tensor) -> torch.Tensor:
         """``KL(q(z_0 | y) || N(0, I))`` averaged over the batch ``u`` ``(B, d)``."""

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.errors import ConfigurationError, warn_deprecated
 from noprop_lightning.schedules.integrate import Sampler, check_sampler, integrate
 
 
@@ -170,8 +171,10 @@ class LearnableSchedule(nn.Module):
         mean, std = self.marginal_coefficients(t.reshape(-1, 1) if t.dim() else t)
         return mean * u + std * noise
 
-    #: The name of :meth:`add_noise` before 0.2.
-    sample_marginal = add_noise
+    def sample_marginal(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Deprecated: the name of :meth:`add_noise` before 0.2 (warns; removed in 1.0)."""
+        warn_deprecated("LearnableSchedule.sample_marginal", "LearnableSchedule.add_noise")
+        return self.add_noise(*args, **kwargs)
 
     def kl_prior(self, u: torch.Tensor) -> torch.Tensor:
         r"""``KL(q(z_0 | y) || N(0, I))`` averaged over the batch ``u`` ``(B, d)``.
