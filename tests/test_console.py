@@ -35,6 +35,24 @@ def test_configs_live_in_the_package_and_the_checkout_folder_points_there():
         assert describe(path), f"{name}.yaml has no leading comment saying what it trains"
 
 
+def test_every_shipped_config_has_the_same_trainer_callbacks():
+    """The configs are standalone (a copy must work alone), so the callbacks list is spelled
+    out in each: one list for all, plus ChannelsLast in the two ``_cpu`` configs."""
+    lists = {
+        name: (yaml.safe_load(path.read_text())["trainer"] or {}).get("callbacks")
+        for name, path in shipped_configs().items()
+    }
+    common = lists["quickstart"]
+    assert [c["class_path"].rsplit(".", 1)[1] for c in common] == [
+        "BestCheckpoint", "LastCheckpoint", "EpochTimer", "PeakMemoryMonitor",
+        "TensorBoardHParams", "RunSummary", "CompactModelSummary",
+    ]  # fmt: skip
+    channels_last = [{"class_path": "noprop_lightning.callbacks.ChannelsLast"}]
+    for name, callbacks in lists.items():
+        expected = common + channels_last if name.endswith("_cpu") else common
+        assert callbacks == expected, name
+
+
 @pytest.mark.parametrize("value", ["quickstart", "quickstart.yaml"])
 def test_a_shipped_config_by_name(value, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
