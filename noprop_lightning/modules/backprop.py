@@ -134,9 +134,6 @@ class BackpropModule(ClassifierModule):
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
-        # without the placeholder metric a TensorBoardLogger would add.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         check_int("num_blocks (T)", num_blocks)
         check_choice("architecture", architecture, Architecture)
         network = BlockNetwork.coerce(network)

@@ -54,6 +54,11 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
 
     Metrics are micro-averaged accuracy (``torchmetrics`` defaults to macro).
 
+    The constructor saves the hyper-parameters: Lightning collects the arguments of every
+    ``__init__`` on the way from the subclass called down to this one (the subclass's values
+    win), so a subclass only passes its arguments on; the optimizer and scheduler factories
+    are left out (the CLI's config keeps them).
+
     Args:
         num_classes: Number of classes ``K`` (linked from the data module by the CLI).
         in_channels: Image channels (linked from the data module).
@@ -84,6 +89,9 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         scheduler: LRSchedulerCallable | None,
     ) -> None:
         super().__init__()
+        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
+        # without the placeholder metric a TensorBoardLogger would add.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         # A classifier needs two classes at least (torchmetrics refuses 1 with a ValueError).
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
         self.in_channels = check_int("in_channels", in_channels)
@@ -96,8 +104,9 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
     def record_settings(self, **settings: Settings) -> None:
         """Store settings groups in ``hparams`` as plain dicts (``weights_only``-safe).
 
-        Call after ``save_hyperparameters``; the checkpoint then holds builtins only, and
-        ``load_from_checkpoint`` hands the dicts back to the constructor.
+        Call after this class's ``__init__`` (it saves the hyper-parameters); the checkpoint
+        then holds builtins only, and ``load_from_checkpoint`` hands the dicts back to the
+        constructor.
         """
         for name, value in settings.items():
             self._hparams[name] = value.to_hparams()

@@ -16,195 +16,25 @@ deterministic by default: it starts from ``z_0 = 0``, the mean of the prior ``N(
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from noprop_lightning.modules.guards import SHAPE_NAMES
-from noprop_lightning.modules.noprop_base import NoPropBase, trainable_parameters
-from noprop_lightning.modules.optim import (
-    LRSchedulerCallable,
-    OptimizerCallable,
-    OptimizerGroup,
-    paper_adam,
-)
-from noprop_lightning.nets import LabelEmbedding, TimeConditionedBlock, TimeNetwork
+from noprop_lightning.modules.continuous_base import ContinuousNoPropModule
+from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adam
+from noprop_lightning.nets import TimeNetwork
 from noprop_lightning.nets.embeddings import EmbeddingKind
 from noprop_lightning.objectives import (
-    ContinuousObjective,
     CTObjective,
     CTSettings,
     FMObjective,
     FMSettings,
     SamplerSettings,
 )
-from noprop_lightning.schedules import LearnableSchedule, Sampler, check_sampler
+from noprop_lightning.schedules import LearnableSchedule
 
 __all__ = ["ContinuousNoPropModule", "NoPropCTModule", "NoPropFMModule", "paper_adam"]
-
-
-class ContinuousNoPropModule(NoPropBase):
-    """What NoProp-CT and NoProp-FM share (not used on its own).
-
-    The network, the sampler settings, the optimizer and the inference entry points.
-    Subclasses build :attr:`objective` (a
-    :class:`~noprop_lightning.objectives.ContinuousObjective`) after calling
-    :meth:`build_network`.
-    """
-
-    structural_hparams: ClassVar[tuple[str, ...]] = (
-        *SHAPE_NAMES,
-        "embedding",
-        "embed_dim",
-        "network.encoder",
-        "network.channels",
-        "network.hidden",
-        "network.time_dim",
-    )
-    runtime_hparams: ClassVar[tuple[str, ...]] = ("inference",)
-    objective: ContinuousObjective
-
-    def build_network(
-        self,
-        embedding: EmbeddingKind,
-        embed_dim: int | None,
-        network: TimeNetwork | dict[str, Any],
-        out_features: int | None,
-    ) -> LabelEmbedding:
-        """Build the label embedding and :attr:`net` (``out_features=None``: ``d`` outputs)."""
-        network = TimeNetwork.coerce(network)
-        image_shape = (self.in_channels, self.image_size, self.image_size)
-        label_embedding = LabelEmbedding(embedding, self.num_classes, embed_dim, image_shape)
-        self.net = TimeConditionedBlock(
-            label_embedding.dim if out_features is None else out_features,
-            label_embedding.dim,
-            self.in_channels,
-            self.image_size,
-            network.encoder,
-            network.channels,
-            network.hidden,
-            network.dropout,
-            network.time_dim,
-            image_shaped_labels=label_embedding.is_image_shaped,
-        )
-        self.record_settings(network=network)
-        return label_embedding
-
-    # ------------------------------------------------------------------ parts and settings
-    @property
-    def inference(self) -> SamplerSettings:
-        """The sampler settings; may be reassigned at any time (a mapping is accepted)."""
-        return self._inference
-
-    @inference.setter
-    def inference(self, settings: SamplerSettings | dict[str, Any]) -> None:
-        self._inference = SamplerSettings.coerce(settings)
-        self.record_settings(inference=self._inference)
-
-    @property
-    def inference_steps(self) -> int:
-        """Sampler steps for test and predict."""
-        return self._inference.steps
-
-    @property
-    def val_inference_steps(self) -> int:
-        """Sampler steps during validation."""
-        val_steps = self._inference.val_steps
-        return self._inference.steps if val_steps is None else val_steps
-
-    @property
-    def sampler(self) -> Sampler:
-        """``"euler"`` or ``"heun"``."""
-        return self._inference.sampler
-
-    def optimizer_groups(self) -> list[OptimizerGroup]:
-        """One optimizer over every trainable parameter."""
-        return [OptimizerGroup("the model", None, trainable_parameters(self))]
-
-    # ------------------------------------------------------------------ training
-    def losses(self, x: torch.Tensor, y: torch.Tensor, *args: Any) -> dict[str, torch.Tensor]:
-        """The objective's loss terms for a batch (extra arguments fix its random draws)."""
-        return self.objective.losses(self.net, x, y, *args)
-
-    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The objective's loss terms (automatic optimization steps their ``"loss"``)."""
-        return self.losses(x, y)
-
-    def progress_terms(self, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The progress bar shows the head's cross-entropy (CT, learned FM) or the flow loss."""
-        key = "ce" if "ce" in terms else "flow"
-        return {key: terms[key]} if key in terms else {}
-
-    # ------------------------------------------------------------------ inference
-    def start_state(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        """``z_0`` as ``inference.start`` says: zeros or ``N(0, I)`` draws."""
-        start = self._inference.start
-        return self.objective.start_state(batch_size, device, start, self.eval_generator)
-
-    def sample(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        sampler: Sampler | None = None,
-        z0: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Integrate the label state from ``t = 0`` to ``t = 1`` for images ``x``.
-
-        Args:
-            x: ``(B, C, H, W)`` images.
-            steps: Number of sampler steps (default: ``inference.steps``).
-            sampler: ``"euler"`` or ``"heun"`` (default: ``inference.sampler``).
-            z0: ``(B, d)`` starting state (default: :meth:`start_state`).
-
-        Returns:
-            ``z_1``, shape ``(B, d)``.
-        """
-        steps = self.inference_steps if steps is None else steps
-        sampler = self.sampler if sampler is None else sampler
-        check_sampler(sampler, steps)
-        if z0 is None:
-            z0 = self.start_state(x.shape[0], x.device)
-        return self.objective.sample(self.net, x, z0, steps, sampler)
-
-    def classify(self, z1: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` from the final state ``z_1``."""
-        return self.objective.classify(z1)
-
-    @torch.no_grad()
-    def predict_logits(
-        self,
-        x: torch.Tensor,
-        steps: int | None = None,
-        sampler: Sampler | None = None,
-        z0: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Integrate from ``z_0`` to ``z_1`` and classify ``z_1``; labels are never used.
-
-        Args:
-            x: ``(B, C, H, W)`` images.
-            steps: Sampler steps; default ``val_inference_steps`` inside validation and
-                ``inference_steps`` otherwise.
-            sampler: ``"euler"`` or ``"heun"`` (default: the module's ``sampler``).
-            z0: Optional ``(B, d)`` starting state.
-
-        Returns:
-            ``(B, K)`` logits.
-        """
-        if steps is None:
-            steps = self.val_inference_steps if self._validating else self.inference_steps
-        return self.classify(self.sample(x, steps, sampler, z0))
-
-    _validating = False
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Validation inference with ``val_inference_steps`` steps."""
-        self._validating = True
-        try:
-            return super().validation_step(batch, batch_idx)
-        finally:
-            self._validating = False
 
 
 class NoPropCTModule(ContinuousNoPropModule):
@@ -229,6 +59,10 @@ class NoPropCTModule(ContinuousNoPropModule):
         scheduler: Optional LR-scheduler factory, stepped per epoch.
     """
 
+    objective_class = CTObjective
+    settings_class = CTSettings
+    predicts_class_logits = True
+
     def __init__(
         self,
         *,
@@ -247,19 +81,14 @@ class NoPropCTModule(ContinuousNoPropModule):
             num_classes=num_classes,
             in_channels=in_channels,
             image_size=image_size,
+            embedding=embedding,
+            embed_dim=embed_dim,
+            network=network,
+            objective=objective,
+            inference=inference,
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
-        # without the placeholder metric a TensorBoardLogger would add.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
-        settings = CTSettings.coerce(objective)
-        label_embedding = self.build_network(embedding, embed_dim, network, num_classes)
-        self.objective = CTObjective(
-            embedding=label_embedding, num_classes=num_classes, settings=settings
-        )
-        self.record_settings(objective=settings)
-        self.inference = inference
 
     @property
     def schedule(self) -> LearnableSchedule:
@@ -300,6 +129,10 @@ class NoPropFMModule(ContinuousNoPropModule):
         scheduler: Optional LR-scheduler factory, stepped per epoch.
     """
 
+    objective_class = FMObjective
+    settings_class = FMSettings
+    predicts_class_logits = False
+
     def __init__(
         self,
         *,
@@ -318,14 +151,11 @@ class NoPropFMModule(ContinuousNoPropModule):
             num_classes=num_classes,
             in_channels=in_channels,
             image_size=image_size,
+            embedding=embedding,
+            embed_dim=embed_dim,
+            network=network,
+            objective=objective,
+            inference=inference,
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
-        # without the placeholder metric a TensorBoardLogger would add.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
-        settings = FMSettings.coerce(objective)
-        label_embedding = self.build_network(embedding, embed_dim, network, None)
-        self.objective = FMObjective(embedding=label_embedding, settings=settings)
-        self.record_settings(objective=settings)
-        self.inference = inference

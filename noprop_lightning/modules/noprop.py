@@ -101,9 +101,6 @@ class NoPropModule(BlockwiseModule):
             optimizer=optimizer,
             scheduler=scheduler,
         )
-        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
-        # without the placeholder metric a TensorBoardLogger would add.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         self.automatic_optimization = False
         self.num_blocks = check_int("num_blocks (T)", num_blocks)
         check_choice("block_order", block_order, BlockOrder)
