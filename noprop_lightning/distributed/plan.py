@@ -97,18 +97,19 @@ class TrainingPlan:
             _all_reduce_grads(local, self.replica_group, 1.0 / self.replicas)
 
 
+def all_reduce_flat(tensors: Sequence[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+    """``tensors`` summed over ``group`` in one flat all-reduce, as new tensors of their shapes."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    pieces = flat.split([t.numel() for t in tensors])
+    return [piece.view_as(t).clone() for piece, t in zip(pieces, tensors, strict=True)]
+
+
 def _all_reduce_grads(params: list[nn.Parameter], group: Any, scale: float) -> None:
     """Sum ``params``' gradients over ``group`` in one flat all-reduce, times ``scale``."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).clone()
-        offset += n
+    for p, summed in zip(params, all_reduce_flat(grads, group), strict=True):
+        p.grad = summed.mul_(scale) if scale != 1.0 else summed
 
 
 @runtime_checkable

@@ -22,10 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from noprop_lightning.distributed.plan import TrainingPlan
+from noprop_lightning.distributed.plan import TrainingPlan, all_reduce_flat
 
 
 class SharedGradients:
@@ -89,11 +88,6 @@ class SharedGradients:
         ]
         zero = torch.zeros_like(self.embedding)
         parts += [blocks.get(t, zero) for t in range(self.num_blocks)]
-        flat = torch.cat([g.reshape(-1) for g in parts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        out, offset = [], 0
-        for g in parts:
-            out.append(flat[offset : offset + g.numel()].view_as(g).clone())
-            offset += g.numel()
+        out = all_reduce_flat(parts)
         # Slots nobody wrote are zeros: adding them is exact (x + 0 == x).
         return out[: len(self.params)], dict(enumerate(out[len(self.params) :]))
