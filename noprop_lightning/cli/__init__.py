@@ -15,7 +15,11 @@ from typing import NoReturn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from noprop_lightning.cli.checkpoints import SPECIAL_CKPT_PATHS, read_checkpoint_header
-from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.errors import (
+    condense_parser_message,
+    find_user_error,
+    parser_user_error,
+)
 from noprop_lightning.cli.exits import exit_after_stop, exit_lost_process
 from noprop_lightning.cli.factory import make_cli
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
@@ -74,13 +78,10 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
     try:
         return make_cli(args, prog=prog)
     except argparse.ArgumentError as err:
-        user_error = find_user_error(err)
-        if user_error is not None:
+        user_error, caused_by_a_value = parser_user_error(err)
+        if caused_by_a_value:
             _exit_with(str(user_error))
-        _exit_with(
-            f"invalid option or config value: {condense_parser_message(str(err))}. "
-            f"Run `{prog} <subcommand> --help` to list the accepted options."
-        )
+        _exit_with(f"{user_error}. Run `{prog} <subcommand> --help` to list the accepted options.")
     except (StoppedAtOnce, SIGTERMException) as stop:
         exit_after_stop(stop)
     except Exception as err:

@@ -13,10 +13,9 @@ import yaml
 
 from noprop_lightning.callbacks import ChannelsLast
 from noprop_lightning.cli.checkpoints import import_class
-from noprop_lightning.cli.errors import condense_parser_message, find_user_error
+from noprop_lightning.cli.errors import parser_user_error
 from noprop_lightning.cli.factory import make_cli
 from noprop_lightning.cli.noprop_cli import NoPropCLI
-from noprop_lightning.errors import ConfigurationError
 
 #: Callbacks that change how a config trains. Scripts that replace a config's checkpointing
 #: and measuring callbacks with their own keep these (the others only save or observe).
@@ -63,10 +62,6 @@ def build_from_config(args: Sequence[str]) -> NoPropCLI:
     try:
         return make_cli(list(args), run=False, save_config=False)
     except argparse.ArgumentError as err:
-        user_error = find_user_error(err)
-        if user_error is not None:
-            raise user_error from err
-        message = condense_parser_message(str(err))
-        raise ConfigurationError(f"invalid option or config value: {message}") from err
+        raise parser_user_error(err)[0] from err
     finally:
         sys.argv = argv

@@ -149,6 +149,21 @@ def _did_you_mean(message: str) -> str:
     return f" (did you mean '{candidates[close[0]]}'?)" if close else ""
 
 
+def parser_user_error(err: BaseException) -> tuple[NoPropUserError, bool]:
+    """The user error behind a rejected option or config value, and whether one was found.
+
+    Returns:
+        The :class:`NoPropUserError` a value caused (``True``), else a
+        :class:`ConfigurationError` saying ``invalid option or config value: ...`` in one
+        paragraph (``False``: the parser itself refused the option or value).
+    """
+    user_error = find_user_error(err)
+    if user_error is not None:
+        return user_error, True
+    message = condense_parser_message(str(err))
+    return ConfigurationError(f"invalid option or config value: {message}"), False
+
+
 def condense_parser_message(message: str) -> str:
     """Turn a multi-line jsonargparse error into one paragraph, with a "did you mean" hint.
 
