@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -128,18 +129,33 @@ class StopSignals:
             self.pending = received  # SIGTERM after Ctrl-C: exit as terminated
 
     # ------------------------------------------------------------------ agreement
-    def agree(self, trainer: L.Trainer | None, diverged_here: bool) -> bool:
+    def agree(
+        self,
+        trainer: L.Trainer | None,
+        diverged_here: bool,
+        reduce_max: Callable[[int], int] | None = None,
+    ) -> bool:
         """The per-batch collective: whether any rank diverged; stop if any was signalled.
 
         Every rank calls this once per training batch (before its optimizer steps). If
         some rank holds a signal, every rank's trainer is told to stop at the end of this
         batch (Lightning raises ``SIGTERMException`` there).
 
+        Args:
+            trainer: The trainer (``None`` outside a fit).
+            diverged_here: Whether a loss of this process was non-finite.
+            reduce_max: The maximum of an integer over every process (the run's
+                collective, e.g. :meth:`~noprop_lightning.distributed.runtime.Runtime.
+                agree`); default: an ``all_reduce`` over the default process group when
+                there are several processes.
+
         Returns:
             Whether a loss was non-finite on any rank.
         """
         code = (_DIVERGED if diverged_here else 0) + (CODES[self.pending] if self.pending else 0)
-        if trainer is not None and trainer.world_size > 1 and dist.is_initialized():
+        if reduce_max is not None:
+            code = int(reduce_max(code))
+        elif trainer is not None and trainer.world_size > 1 and dist.is_initialized():
             flag = torch.tensor([code], dtype=torch.int64, device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
@@ -152,10 +168,12 @@ class StopSignals:
             trainer._signal_connector.received_sigterm = True
         return code >= _DIVERGED
 
-    def stop_if_signalled(self, trainer: L.Trainer) -> None:
+    def stop_if_signalled(
+        self, trainer: L.Trainer, reduce_max: Callable[[int], int] | None = None
+    ) -> None:
         """At the end of training: a signal that came after the last batch still stops."""
         if self.agreed is None:
-            self.agree(trainer, diverged_here=False)
+            self.agree(trainer, diverged_here=False, reduce_max=reduce_max)
         if self.agreed is not None:
             raise SIGTERMException
 
