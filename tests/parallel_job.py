@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--clip", type=float, default=None)
+    parser.add_argument("--inference", default="deterministic")
     args = parser.parse_args()
     MODEL_SIZES.update(num_blocks=args.blocks)
 
@@ -154,7 +155,7 @@ def main() -> None:
         embedding=args.embedding,
         embed_dim=None if args.embedding == "onehot" else 5,
         network={"channels": (4, 4, 4), "hidden": 16, "dropout": args.dropout},
-        inference="deterministic",
+        inference=args.inference,
         execution=json.loads(args.execution),
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
     )
@@ -190,7 +191,10 @@ def main() -> None:
         DataLoader(data(16, 1), batch_size=8),
         ckpt_path=args.ckpt_path,
     )
+    fit_metrics = {k: v.clone() for k, v in trainer.callback_metrics.items()}
     (result,) = trainer.test(model, DataLoader(data(32, 2), batch_size=8), verbose=False)
+    # Batches of 48: 3 micro-batches of 16 in flight across the block groups.
+    predicted = trainer.predict(model, DataLoader(data(96, 2), batch_size=48))
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -201,6 +205,8 @@ def main() -> None:
             "optimizers": len(trainer.optimizers),
             "memory": memory.seen,
             "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "fit_metrics": fit_metrics,
+            "probs": torch.cat([batch["probs"] for batch in predicted]),
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )

@@ -22,12 +22,15 @@ import torch
 
 from noprop_lightning import NoPropModule
 from noprop_lightning.distributed import (
+    BlockDims,
     BlockLayout,
     BlockParallelStrategy,
     canonicalize,
     localize,
+    read_checkpoint,
     split_blocks,
 )
+from noprop_lightning.distributed.checkpoint import block_of_key
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.merge import main as merge_main
 from noprop_lightning.merge import merge_checkpoints
@@ -69,7 +72,20 @@ def equal(a, b) -> bool:
 
 
 def ckpt(out: Path) -> dict:
-    return torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+    """The run's last.ckpt as one dictionary (a block_parallel run writes a folder of shards)."""
+    return read_checkpoint(out / "ckpt" / "last.ckpt")
+
+
+def val_metrics(run: dict) -> dict:
+    """The validation metrics at the end of the run's fit."""
+    return {k: v for k, v in run["fit_metrics"].items() if k.startswith("val/")}
+
+
+def holds(state: dict, reference: dict, blocks) -> bool:
+    """``state`` is exactly ``reference``'s shared part and ``blocks``, bit for bit: a rank
+    holds its own blocks and no other's."""
+    wanted = {k for k in reference if block_of_key(k) is None or block_of_key(k) in set(blocks)}
+    return state.keys() == wanted and all(equal(state[k], reference[k]) for k in wanted)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +105,13 @@ def test_block_parallel_matches_one_process_bit_for_bit(runs):
     for rank in (0, 1):
         bp = load(runs / "bp", rank)
         assert bp["world_size"] == 2
-        assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
+        assert holds(bp["state_dict"], single["state_dict"], BlockDims(3, 2).blocks_of(rank))
         assert bp["test_acc"] == single["test_acc"]
+        # Validation and predict ran as a pipeline (rank 0: blocks 0-1, rank 1: block 2; the
+        # predict batches of 48 as 3 micro-batches): the same numbers as one process.
+        assert equal(val_metrics(bp), val_metrics(single)), rank
+        assert val_metrics(bp).keys() == {"val/loss", "val/acc"}
+        assert equal(bp["probs"], single["probs"]), rank
     # Rank 0 owns blocks 0, 1 and the head; rank 1 block 2: optimizers only for those.
     assert (load(runs / "bp", 0)["optimizers"], load(runs / "bp", 1)["optimizers"]) == (3, 1)
     assert single["optimizers"] == 4
@@ -100,6 +121,23 @@ def test_block_parallel_matches_one_process_bit_for_bit(runs):
     assert equal(bp_ckpt["state_dict"], single_ckpt["state_dict"])
     assert equal(bp_ckpt["optimizer_states"], single_ckpt["optimizer_states"])
     assert len(bp_ckpt["optimizer_states"]) == 4
+
+
+def test_stochastic_inference_through_the_pipeline_matches_one_process(runs, tmp_path):
+    """With the paper's noisy chain, every rank draws the chain's noise from the stage's
+    stream in one process's order and uses the steps of its blocks: validation losses and
+    predicted probabilities equal one process's bit for bit."""
+    run_job(tmp_path / "single", "--inference", "stochastic")
+    run_job(tmp_path / "bp", "--inference", "stochastic", *BLOCK_PARALLEL)
+    single = load(tmp_path / "single")
+    for rank in (0, 1):
+        bp = load(tmp_path / "bp", rank)
+        assert equal(val_metrics(bp), val_metrics(single)), rank
+        assert equal(bp["probs"], single["probs"]), rank
+    # The same weights as the deterministic runs (inference draws from its own stream), and
+    # the noise is real: the probabilities differ from the noise-free chain's.
+    assert equal(single["state_dict"], load(runs / "single")["state_dict"])
+    assert not torch.equal(single["probs"], load(runs / "single")["probs"])
 
 
 def test_training_steps_communicate_nothing_of_the_blocks(runs):
@@ -126,7 +164,8 @@ def test_learned_embedding_at_t10_on_three_ranks_matches_one_process_bit_for_bit
         bp = load(tmp_path / "bp", rank)
         assert bp["world_size"] == 3
         assert all(s == [("all_reduce", 8), ("all_reduce", shared_bytes)] for s in bp["steps"])
-        assert equal(bp["state_dict"], single["state_dict"]), f"rank {rank}"
+        assert holds(bp["state_dict"], single["state_dict"], BlockDims(10, 3).blocks_of(rank))
+    assert equal(ckpt(tmp_path / "bp")["state_dict"], ckpt(tmp_path / "single")["state_dict"])
     assert equal(
         ckpt(tmp_path / "bp")["optimizer_states"], ckpt(tmp_path / "single")["optimizer_states"]
     )
@@ -140,7 +179,9 @@ def test_clipping_and_accumulation_under_block_parallel_match_one_process(tmp_pa
     run_job(tmp_path / "bp", *options, *BLOCK_PARALLEL)
     single = load(tmp_path / "single")
     for rank in (0, 1):
-        assert equal(load(tmp_path / "bp", rank)["state_dict"], single["state_dict"]), rank
+        state = load(tmp_path / "bp", rank)["state_dict"]
+        assert holds(state, single["state_dict"], BlockDims(3, 2).blocks_of(rank)), rank
+    assert equal(ckpt(tmp_path / "bp")["state_dict"], ckpt(tmp_path / "single")["state_dict"])
     assert ckpt(tmp_path / "bp")["global_step"] == ckpt(tmp_path / "single")["global_step"] == 6
 
 
@@ -184,7 +225,13 @@ def test_resume_across_layouts_is_exact(runs):
     run_job(runs / "1_to_bp", "--epochs", "4", "--ckpt_path", str(single_ckpt), *BLOCK_PARALLEL)
     assert equal(load(runs / "bp_to_1")["state_dict"], straight)
     for rank in (0, 1):
-        assert equal(load(runs / "1_to_bp", rank)["state_dict"], straight), f"rank {rank}"
+        held = BlockDims(3, 2).blocks_of(rank)
+        assert holds(load(runs / "1_to_bp", rank)["state_dict"], straight, held), f"rank {rank}"
+    # The resumed runs' checkpoints (one file; a folder of shards) hold the straight run's.
+    straight_ckpt = ckpt(runs / "single4")
+    for resumed in ("bp_to_1", "1_to_bp"):
+        assert equal(ckpt(runs / resumed)["state_dict"], straight_ckpt["state_dict"]), resumed
+        assert equal(ckpt(runs / resumed)["optimizer_states"], straight_ckpt["optimizer_states"])
 
 
 # ---------------------------------------------------------------------- merge refusals
@@ -355,10 +402,15 @@ def test_two_block_groups_of_two_replicas_match_pure_data_parallel_bit_for_bit(m
     order). With one replica (2 x 1 vs 1 process, above) the 2-D layout is today's layout:
     so block groups and replicas factorise."""
     dp = load(mesh_runs / "dp")
+    dims = BlockDims(4, 4, replicas=2)
     for rank in range(4):
         mesh = load(mesh_runs / "mesh", rank)
         assert mesh["world_size"] == 4
-        assert equal(mesh["state_dict"], dp["state_dict"]), f"rank {rank}"
+        # Each replica keeps its own BatchNorm statistics (as under DDP): rank r is replica
+        # r // 2 of its block group, like rank r // 2 of the 1 x 2 run.
+        same_replica = load(mesh_runs / "dp", dims.replica_of(rank))
+        held = dims.blocks_of(rank)
+        assert holds(mesh["state_dict"], same_replica["state_dict"], held), f"rank {rank}"
         assert mesh["test_acc"] == dp["test_acc"]
     # Group 0 (ranks 0, 2) owns blocks 0, 1 and the head; group 1 (ranks 1, 3) blocks 2, 3.
     assert [load(mesh_runs / "mesh", r)["optimizers"] for r in range(4)] == [3, 2, 3, 2]

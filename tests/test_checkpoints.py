@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from noprop_lightning.callbacks import atomic as atomic_module
+from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
 from noprop_lightning.cli import main
 from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
@@ -142,7 +143,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_the_package_modules_save_atomically(tmp_path):
     trainer = tiny_trainer(tmp_path, max_epochs=1)
     trainer.fit(NoPropModule(**TINY, num_blocks=2), tiny_loader(n=16, batch_size=8))
-    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    # AtomicCheckpointIO that also reads block_parallel's checkpoint folders.
+    assert type(trainer.strategy.checkpoint_io) is CheckpointFolderIO
+    assert issubclass(CheckpointFolderIO, AtomicCheckpointIO)
 
 
 def test_a_full_disk_through_the_cli_is_one_error(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,30 +45,72 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target = Path(path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(checkpoint, Path(path))
+
+
+def save_file(checkpoint: Any, target: Path, remove_leftovers: bool = True) -> None:
+    """Write ``checkpoint`` to ``target`` with ``torch.save``, whole or not at all.
+
+    A temporary file beside the target, flushed to disk, renamed over it (a folder there,
+    an earlier sharded checkpoint of the same name, is replaced).
+
+    Args:
+        checkpoint: What to save.
+        target: The file to write.
+        remove_leftovers: Remove the partial files of earlier killed saves in the folder
+            first (only where one process writes the folder).
+
+    Raises:
+        CheckpointError: A full disk or a folder that cannot be written (one clear message).
+    """
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if remove_leftovers:
             remove_partial_files(target)
-            handle, tmp = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent
-            )
-        except OSError as err:
-            raise _save_error(target, err) from err
-        writer: _KeepsWriteErrors | None = None
-        try:
-            with os.fdopen(handle, "wb") as f:
-                writer = _KeepsWriteErrors(f)
-                torch.save(checkpoint, writer)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            # torch.save reports a failed write (a full disk) as a bare RuntimeError.
-            cause = err if isinstance(err, OSError) else writer and writer.error
-            if cause is not None:
-                raise _save_error(target, cause) from err
-            raise
+        handle, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent
+        )
+    except OSError as err:
+        raise save_error(target, err) from err
+    writer: _KeepsWriteErrors | None = None
+    try:
+        with os.fdopen(handle, "wb") as f:
+            writer = _KeepsWriteErrors(f)
+            torch.save(checkpoint, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_path(Path(tmp), target)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write (a full disk) as a bare RuntimeError.
+        cause = err if isinstance(err, OSError) else writer and writer.error
+        if cause is not None:
+            raise save_error(target, cause) from err
+        raise
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Rename ``source`` over ``target``, a file or a folder, whichever each of them is.
+
+    Between a file and a file (or a new name) this is one atomic rename. When one of them is
+    a folder (a sharded checkpoint replacing a one-file one of the same name, or the other
+    way round) the old one is first renamed aside, then removed; a kill between the two
+    renames leaves it beside the target as ``.<name>.replaced``.
+    """
+    if target.is_dir() or (source.is_dir() and target.exists()):
+        aside = target.with_name(f".{target.name}.replaced")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink(missing_ok=True)
+        os.replace(target, aside)
+        os.replace(source, target)
+        if aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
+        return
+    os.replace(source, target)
 
 
 class _KeepsWriteErrors:
@@ -109,7 +152,8 @@ def remove_partial_files(target: Path) -> list[Path]:
     return removed
 
 
-def _save_error(target: Path, err: OSError) -> CheckpointError:
+def save_error(target: Path, err: OSError) -> CheckpointError:
+    """The one-paragraph error of a checkpoint ``target`` that could not be written."""
     kept = (
         f"The previous {target.name} is intact"
         if target.exists()

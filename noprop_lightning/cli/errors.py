@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from noprop_lightning.cli.checkpoints import import_class, names_subclass
-from noprop_lightning.distributed import STRATEGY_NAME, BlockParallelStrategy
+from noprop_lightning.distributed import STRATEGY_NAME, BlockDims, BlockParallelStrategy
 from noprop_lightning.errors import (
     UNWRITABLE,
     ConfigurationError,
@@ -208,12 +208,14 @@ def _optimizer_hint(message: str) -> str:
 
 
 def check_block_groups(trainer: Any, model: Any) -> None:
-    """Refuse ``block_parallel`` with more block groups than blocks before any rank starts.
+    """Refuse a ``block_parallel`` layout that cannot work before any rank starts.
 
-    Otherwise every rank would start, set up, and stop with the same error.
+    The same check as the strategy's (:class:`~noprop_lightning.distributed.dims.BlockDims`):
+    more block groups than blocks, or a number of processes that ``replicas`` does not
+    divide. Otherwise every rank would start, set up, and stop with the same error.
 
     Raises:
-        ConfigurationError: ``devices x num_nodes / replicas`` exceeds ``num_blocks``.
+        ConfigurationError: For a layout :class:`BlockDims` refuses.
     """
     strategy = trainer.get("strategy")
     if isinstance(strategy, str):
@@ -225,16 +227,13 @@ def check_block_groups(trainer: Any, model: Any) -> None:
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     init = getattr(strategy, "init_args", None)
-    replicas = int(init.get("replicas", 1) or 1) if init is not None else 1
+    replicas = init.get("replicas", 1) if init is not None else 1
     blocks = model.get("init_args", {}).get("num_blocks") if model is not None else None
     if not isinstance(devices, int) or not isinstance(blocks, int):
         return  # "auto" or a list of devices: the strategy checks once the ranks are known
-    groups = devices * int(nodes) // replicas
-    if groups > blocks:
-        over = f"{groups} processes" if replicas == 1 else f"{groups} block groups"
+    try:
+        BlockDims(blocks, devices * int(nodes), 1 if replicas is None else replicas)
+    except ConfigurationError as err:
         raise ConfigurationError(
-            f"block_parallel needs at least one block per block group, but T={blocks} blocks "
-            f"were to be split over {over} ({devices} devices x {nodes} nodes / {replicas} "
-            f"replicas): use at most {blocks * replicas} processes, more replicas, or more "
-            "blocks (--model.init_args.num_blocks)"
-        )
+            f"{err} (--trainer.devices {devices} x --trainer.num_nodes {nodes})"
+        ) from None

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from noprop_lightning.distributed.dims import split_blocks
 from noprop_lightning.errors import ConfigurationError
 
 #: Checkpoint key of the layout record (``{"num_blocks", "blocks", "shared"}``).
@@ -29,29 +30,15 @@ CANONICAL_ENTRIES = ("optimizer_states", "lr_schedulers")
 
 _Entry = TypeVar("_Entry")
 
-
-def split_blocks(num_blocks: int, parts: int) -> list[list[int]]:
-    """Balanced contiguous shares of ``range(num_blocks)``: sizes differ by at most one.
-
-    Every block has the same architecture and cost, so equal counts balance the work; the
-    first ``num_blocks % parts`` shares get the extra block.
-
-    Raises:
-        ConfigurationError: If there are more parts than blocks (a process would idle).
-    """
-    if parts > num_blocks:
-        raise ConfigurationError(
-            f"block_parallel needs at least one block per process, but T={num_blocks} blocks "
-            f"were to be split over {parts} processes: use at most {num_blocks} devices x "
-            "nodes, or more blocks (--model.init_args.num_blocks)"
-        )
-    size, extra = divmod(num_blocks, parts)
-    shares, start = [], 0
-    for i in range(parts):
-        stop = start + size + (1 if i < extra else 0)
-        shares.append(list(range(start, stop)))
-        start = stop
-    return shares
+__all__ = [
+    "CANONICAL_ENTRIES",
+    "LAYOUT_KEY",
+    "BlockLayout",
+    "canonicalize",
+    "localize",
+    "merge_views",
+    "split_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +73,26 @@ class BlockLayout:
     def full(cls, num_blocks: int) -> BlockLayout:
         """Everything trained here (one process)."""
         return cls(num_blocks, tuple(range(num_blocks)))
+
+    @classmethod
+    def requested(
+        cls, num_blocks: int, train_blocks: Sequence[int] | None, train_head: bool
+    ) -> BlockLayout:
+        """The layout of ``execution.train_blocks`` / ``train_head`` (a separate job's).
+
+        Raises:
+            ConfigurationError: Nothing to train (no block and not the head).
+        """
+        if train_blocks is None and train_head:
+            return cls.full(num_blocks)
+        blocks = range(num_blocks) if train_blocks is None else train_blocks
+        layout = cls(num_blocks, tuple(blocks), train_head, train_head)
+        if not layout.blocks and not layout.shared:
+            raise ConfigurationError(
+                "execution.train_blocks is empty and train_head is false: this run would "
+                "train nothing; name the blocks it trains (0-based), or train the head"
+            )
+        return layout
 
     @property
     def is_full(self) -> bool:

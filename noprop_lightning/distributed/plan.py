@@ -1,34 +1,32 @@
-"""Who trains what in a fit: one decision, made once from the settings and the strategy.
+"""Who holds and trains what in a run: one decision, made once, kept as plain data.
 
-A NoProp-DT fit runs in one of three ways:
+A NoProp-DT run goes one of three ways:
 
-- one process (or a separate job of ``execution.train_blocks``): the blocks the settings
-  name, each loss back-propagated on its own (``backward="per_block"``);
+- one process (or a separate job of ``execution.train_blocks``): every block is held, the
+  blocks the settings name are trained, each loss back-propagated on its own
+  (``backward="per_block"``);
 - a data-parallel strategy that wraps the model in DDP (``ddp``): every block, the summed
   losses back-propagated once (DDP's reducer accepts one backward per forward);
-- ``block_parallel``: a 2-D layout of ``replicas x block_groups`` ranks (a
-  :class:`~torch.distributed.device_mesh.DeviceMesh`). The ranks of one block group own the
-  same contiguous blocks and average those blocks' gradients among themselves (the
-  ``replica`` sub-group); each replica reads its own shard of every batch; nothing else
-  crosses block groups except the shared head/embedding where it is learned.
+- ``block_parallel``: ``replicas x block_groups`` ranks (:class:`~noprop_lightning.
+  distributed.dims.BlockDims`). The ranks of one block group hold and train the same
+  contiguous blocks and nothing else (the other blocks are never built); each replica reads
+  its own shard of every batch; inference runs as a pipeline across the block groups.
 
-:class:`TrainingPlan` holds the outcome (layout, backward mode, logging mode, mesh
-coordinates, process groups) and does the per-step gradient averaging, so modules ask it
-instead of looking at strategy flags or settings.
+:class:`TrainingPlan` holds the outcome. It is data only: no process group, no collective
+(those belong to :class:`~noprop_lightning.distributed.runtime.Runtime`). Under
+``block_parallel`` the strategy owns it (:attr:`BlockParallelStrategy.plan
+<noprop_lightning.distributed.strategy.BlockParallelStrategy.plan>`); otherwise the module
+makes it from its settings (:func:`plan_for`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-import lightning as L
-import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import ParallelStrategy
-from torch import nn
 
+from noprop_lightning.distributed.dims import BlockDims
 from noprop_lightning.distributed.layout import BlockLayout
 
 Backward = Literal["per_block", "summed"]
@@ -37,103 +35,139 @@ Logging = Literal["local", "spread"]
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What this process trains in a fit, and how (see the module docstring).
+    """What this process holds and trains, and how (see the module docstring).
 
     Attributes:
-        layout: The blocks (and whether the shared part) this process trains.
+        layout: The blocks (and whether the shared part) this process trains: its optimizers.
+        held: The blocks this process builds and holds (``None``: all of them). Under
+            ``block_parallel`` exactly the trained ones; a separate job holds every block
+            (it evaluates the whole model) but trains its own.
         backward: ``"per_block"``: one backward per block loss (lowest memory);
             ``"summed"``: one backward of the summed losses (a DDP reducer wraps the model).
         logging: ``"local"``: this process saw every loss it logs; ``"spread"``: the blocks
             are spread over block groups, losses are logged scaled so that Lightning's
             epoch mean over ranks is the owners' mean.
-        block_groups: ``k``, the number of block groups.
-        replicas: ``r``, the number of data-parallel replicas of each block group.
-        block_group: This process's block group (``0 .. k-1``).
-        replica: This process's replica (``0 .. r-1``): its shard of every batch.
-        owners: For each block, the global rank holding its reference copy (replica 0 of
-            its block group): it sends the block where evaluation and checkpoints need it.
-        replica_group: The ranks of this block group (one per replica), ``None`` if ``r = 1``.
+        dims: The ``block_parallel`` degrees, ``None`` otherwise.
+        rank: This process's global rank.
+        replicas: Data-parallel copies of the model (of each block group): ``r`` under
+            ``block_parallel``, the world size under DDP, else 1.
+        replica: This process's replica: its shard of every batch (and its noise streams).
         shared_over_world: The shared head/embedding is learned by every rank (a trainable
-            embedding): each batch's gradient contributions are summed over the world in
-            block order, then averaged over replicas (``SharedGradients``).
+            embedding under ``block_parallel``): each batch's gradient contributions are
+            summed over the world in block order, then averaged over replicas
+            (:class:`~noprop_lightning.distributed.shared.SharedGradients`).
+        microbatches: Micro-batches of an evaluation batch in flight across the block
+            groups (a pipelined plan only).
     """
 
     layout: BlockLayout
+    held: tuple[int, ...] | None = None
     backward: Backward = "per_block"
     logging: Logging = "local"
-    block_groups: int = 1
+    dims: BlockDims | None = None
+    rank: int = 0
     replicas: int = 1
-    block_group: int = 0
     replica: int = 0
-    owners: tuple[int, ...] = ()
-    replica_group: Any = field(default=None, compare=False, repr=False)
     shared_over_world: bool = False
+    microbatches: int = 1
+
+    def __post_init__(self) -> None:
+        held = self.held_blocks
+        missing = [t for t in self.layout.blocks if t not in held]
+        if missing:
+            raise ValueError(f"blocks {missing} are trained but not held")
+
+    @property
+    def held_blocks(self) -> tuple[int, ...]:
+        """The blocks this process builds (all of them unless :attr:`held` says otherwise)."""
+        if self.held is None:
+            return tuple(range(self.layout.num_blocks))
+        return tuple(sorted(self.held))
+
+    @property
+    def block_groups(self) -> int:
+        """``k``, the number of block groups (1 unless ``block_parallel`` splits the blocks)."""
+        return self.dims.block_groups if self.dims is not None else 1
+
+    @property
+    def block_group(self) -> int:
+        """This process's block group (``0 .. k-1``)."""
+        return self.dims.group_of(self.rank) if self.dims is not None else 0
+
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """For each block, the global rank holding its reference copy (replica 0 of its group)."""
+        if self.dims is not None:
+            return self.dims.owners
+        return tuple(0 for _ in range(self.layout.num_blocks))
+
+    @property
+    def pipelined(self) -> bool:
+        """Inference runs as a pipeline across block groups (no rank holds every block)."""
+        return self.block_groups > 1
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Each block's owner writes it (no rank holds the whole model to save)."""
+        return self.block_groups > 1
+
+    @property
+    def writes_shards(self) -> bool:
+        """Whether this process writes its blocks' checkpoint shards (replica 0 of a group)."""
+        return self.sharded_checkpoints and self.replica == 0
 
     @property
     def loss_scale(self) -> int:
         """Factor on logged losses under ``"spread"`` logging (``k``; see ``logging``)."""
         return self.block_groups if self.logging == "spread" else 1
 
-    def synchronize_gradients(
-        self, block_params: Sequence[nn.Parameter], shared_params: Sequence[nn.Parameter]
-    ) -> None:
-        """Average what this rank trains over its replicas, before the optimizers step.
+    @classmethod
+    def for_block_parallel(
+        cls, dims: BlockDims, rank: int, shared_trainable: bool, microbatches: int = 1
+    ) -> TrainingPlan:
+        """The plan of ``rank`` in a ``block_parallel`` run of ``dims``.
 
-        With ``r > 1``, the gradients of this rank's blocks (and of the head when this
-        block group owns it alone) are averaged over the replica group, in one flat
-        all-reduce. A learned shared part (``shared_over_world``) is not touched here: each
-        batch's contributions are summed over every rank, slot by slot in block order, by
-        :class:`~noprop_lightning.distributed.shared.SharedGradients`.
-
-        Nothing is sent with one replica, nor under DDP (``"summed"`` backward), whose
-        reducer has averaged every gradient already.
+        Block group 0 adds the head's loss; it also owns (and alone steps) the head when the
+        embedding is fixed. With a trainable embedding every rank steps the shared part on
+        gradients summed over the world.
         """
-        if self.backward == "summed":
-            return
-        local = list(block_params)
-        if not self.shared_over_world:
-            local += list(shared_params)
-        if self.replicas > 1 and local:
-            _all_reduce_grads(local, self.replica_group, 1.0 / self.replicas)
-
-
-def all_reduce_flat(tensors: Sequence[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
-    """``tensors`` summed over ``group`` in one flat all-reduce, as new tensors of their shapes."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    pieces = flat.split([t.numel() for t in tensors])
-    return [piece.view_as(t).clone() for piece, t in zip(pieces, tensors, strict=True)]
-
-
-def _all_reduce_grads(params: list[nn.Parameter], group: Any, scale: float) -> None:
-    """Sum ``params``' gradients over ``group`` in one flat all-reduce, times ``scale``."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p, summed in zip(params, all_reduce_flat(grads, group), strict=True):
-        p.grad = summed.mul_(scale) if scale != 1.0 else summed
+        group = dims.group_of(rank)
+        share = dims.shares[group]
+        return cls(
+            layout=BlockLayout(
+                dims.num_blocks,
+                share,
+                shared=shared_trainable or group == 0,
+                head_loss=group == 0,
+            ),
+            held=share,
+            backward="per_block",
+            logging="spread" if dims.block_groups > 1 else "local",
+            dims=dims,
+            rank=rank,
+            replicas=dims.replicas,
+            replica=dims.replica_of(rank),
+            shared_over_world=shared_trainable and dims.world_size > 1,
+            microbatches=microbatches,
+        )
 
 
 @runtime_checkable
 class PlansTraining(Protocol):
-    """A strategy that decides itself which blocks each rank trains (``block_parallel``)."""
+    """A strategy that decides itself which blocks each rank holds (``block_parallel``)."""
 
-    def training_plan(self, num_blocks: int, shared_trainable: bool) -> TrainingPlan:
-        """This rank's plan for a model of ``num_blocks`` blocks."""
+    plan: TrainingPlan | None
 
 
-def plan_for(
-    trainer: L.Trainer | None, requested: BlockLayout, shared_trainable: bool
-) -> TrainingPlan:
-    """The plan of a fit: the strategy's if it makes one, else ``requested`` as it is.
+def plan_for(trainer: Any, requested: BlockLayout) -> TrainingPlan:
+    """The plan of a run whose strategy does not plan: ``requested`` as it is.
 
     Args:
         trainer: The trainer (``None`` outside a fit: one process, per-block backward).
         requested: The layout the module's settings ask for (everything, or the blocks of
             a separate job).
-        shared_trainable: Whether the shared part has a learned embedding.
     """
     strategy = trainer.strategy if trainer is not None else None
-    if isinstance(strategy, PlansTraining):
-        return strategy.training_plan(requested.num_blocks, shared_trainable)
     if trainer is None or not (trainer.world_size > 1 or isinstance(strategy, ParallelStrategy)):
         return TrainingPlan(layout=requested)
     # Data parallel (DDP): every rank is a replica reading its own shard (and drawing its
@@ -141,6 +175,7 @@ def plan_for(
     return TrainingPlan(
         layout=requested,
         backward="summed",
+        rank=trainer.global_rank,
         replicas=trainer.world_size,
         replica=trainer.global_rank,
     )

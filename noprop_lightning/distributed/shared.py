@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from noprop_lightning.distributed.plan import TrainingPlan, all_reduce_flat
+from noprop_lightning.distributed.plan import TrainingPlan
+from noprop_lightning.distributed.runtime import Runtime
 
 
 class SharedGradients:
@@ -55,17 +56,18 @@ class SharedGradients:
         for p in self.params:
             p.grad = None
 
-    def finish(self, plan: TrainingPlan) -> None:
+    def finish(self, plan: TrainingPlan, runtime: Runtime) -> None:
         """Sum the batch's contributions (over ranks, if the plan says so) into ``.grad``.
 
         Args:
             plan: The fit's plan: with ``shared_over_world`` the contributions are summed
                 over every rank (slot by slot), then divided by the number of replicas.
+            runtime: The run's collectives (the sum over ranks).
         """
         head = [p.grad for p in self.params]  # the head losses' part (None: no head here)
         blocks = {t: leaf.grad for t, leaf in self.leaves.items() if leaf.grad is not None}
         if plan.shared_over_world:
-            head, blocks = self._sum_over_ranks(head, blocks)
+            head, blocks = self._sum_over_ranks(head, blocks, runtime)
         for i, p in enumerate(self.params):
             total = head[i]
             if p is self.embedding:
@@ -79,7 +81,7 @@ class SharedGradients:
             p.grad = total if total is not None else earlier
 
     def _sum_over_ranks(
-        self, head: list[torch.Tensor | None], blocks: dict[int, torch.Tensor]
+        self, head: list[torch.Tensor | None], blocks: dict[int, torch.Tensor], runtime: Runtime
     ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor]]:
         """Every rank's contributions, each in its own slot, in one flat all-reduce."""
         parts = [
@@ -88,6 +90,6 @@ class SharedGradients:
         ]
         zero = torch.zeros_like(self.embedding)
         parts += [blocks.get(t, zero) for t in range(self.num_blocks)]
-        out = all_reduce_flat(parts)
+        out = runtime.sum_over_world(parts)
         # Slots nobody wrote are zeros: adding them is exact (x + 0 == x).
         return out[: len(self.params)], dict(enumerate(out[len(self.params) :]))

@@ -4,13 +4,17 @@ Built on Lightning's DDP launching and process groups (``gloo`` on CPU, ``NCCL``
 without the DDP wrapper. The ``W`` ranks form a 2-D
 :class:`~torch.distributed.device_mesh.DeviceMesh` of ``replicas x block_groups``
 (``--trainer.devices 4`` with ``replicas: 2``: 2 block groups x 2 replicas; the default
-``replicas: 1`` gives every rank its own block group):
+``replicas: 1`` gives every rank its own block group). What follows is planned once per
+stage from :class:`~noprop_lightning.distributed.dims.BlockDims` into a
+:class:`~noprop_lightning.distributed.plan.TrainingPlan` (:attr:`BlockParallelStrategy.plan`),
+and every collective goes through one :class:`~noprop_lightning.distributed.runtime.
+BlockRuntime` (:attr:`BlockParallelStrategy.runtime`):
 
 - Block group ``g`` owns a balanced, contiguous share of the ``T`` blocks
-  (:func:`~noprop_lightning.distributed.layout.split_blocks`); its ranks build optimizer
-  state for those blocks only, and after the sanity check hold *parameters* only for those
-  blocks and the shared part (the others are freed, and sent by their owners when
-  validation, the end of training or a checkpoint needs the whole model).
+  (:func:`~noprop_lightning.distributed.dims.split_blocks`). Its ranks build those blocks
+  only (``configure_model``; the others are never allocated) and optimizer state for them
+  only. At the start of a fit replica 0 of each group sends its blocks to the group's other
+  replicas, and rank 0 the shared head and embedding to every rank.
 - Replica ``j`` reads shard ``j`` of every batch (one seeded ``DistributedSampler`` over
   ``replicas``); the ranks of one block group average their blocks' gradients over their
   replica sub-group (one flat all-reduce per step). With one replica nothing of a block is
@@ -21,42 +25,45 @@ without the DDP wrapper. The ``W`` ranks form a 2-D
   which group 0 adds ``CE + KL`` and every rank its blocks' share of the mean denoising
   loss. Per training step the only other collective is the NaN/inf and stop-signal check
   (one integer, :mod:`~noprop_lightning.stopping`).
-- Checkpoints hold all ``T + 1`` optimizer states in the canonical order, gathered from the
-  owners (replica 0 of each group), so a checkpoint written by N ranks loads in one process
-  and resumes on any layout.
+- Validation, test and predict run as a pipeline across the block groups of each replica:
+  group ``g`` receives each micro-batch's ``z`` from group ``g - 1``, applies its blocks
+  and sends ``z`` on; the last group's ``z_T`` goes to the replica's ranks, which all read it
+  with the head.
+- Checkpoints are folders with one file per block, written by the block's owner, and an
+  index written by rank 0 (:mod:`~noprop_lightning.distributed.checkpoint`); a rank reads
+  the blocks it holds from a folder or a one-file checkpoint of any layout. With one block
+  group (replicas only) every rank holds everything and rank 0 writes one file, as DDP does.
 
-What each rank trains is one :class:`~noprop_lightning.distributed.plan.TrainingPlan`,
-built once per fit (:meth:`BlockParallelStrategy.training_plan`). The module must implement
-:class:`BlockParallelModule` (:class:`~noprop_lightning.NoPropModule` does). Not supported
-(clear errors): more block groups than blocks, a world size that ``replicas`` does not
-divide, ``block_order: random`` (each rank would need the others' choice),
-``execution.train_blocks`` (the strategy assigns the blocks), and DDP's wrapper options
-(``find_unused_parameters``, ``static_graph``, comm hooks ...: there is no DDP wrapper).
+The module must implement :class:`BlockParallelModule` (:class:`~noprop_lightning.
+NoPropModule` does). Not supported (clear errors): more block groups than blocks, a world
+size that ``replicas`` does not divide, ``block_order: random`` (each rank would need the
+others' choice), ``execution.train_blocks`` (the strategy assigns the blocks), and DDP's
+wrapper options (``find_unused_parameters``, ``static_graph``, comm hooks ...: there is no
+DDP wrapper).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from noprop_lightning.distributed.layout import (
-    CANONICAL_ENTRIES,
-    LAYOUT_KEY,
-    BlockLayout,
-    merge_views,
-    split_blocks,
-)
+from noprop_lightning.distributed.checkpoint import read_checkpoint, save_sharded
+from noprop_lightning.distributed.dims import BlockDims
+from noprop_lightning.distributed.layout import LAYOUT_KEY
 from noprop_lightning.distributed.plan import TrainingPlan
+from noprop_lightning.distributed.runtime import BlockRuntime, Runtime
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.nets.placement import deferred_blocks
 from noprop_lightning.settings import check_int
 
 STRATEGY_NAME = "block_parallel"
@@ -66,6 +73,7 @@ STRATEGY_NAME = "block_parallel"
 class BlockParallelModule(Protocol):
     """What a LightningModule offers so that ``block_parallel`` can spread its blocks."""
 
+    num_blocks: int
     blocks: nn.ModuleList
 
     def check_block_parallel(self) -> None:
@@ -79,11 +87,13 @@ class BlockParallelModule(Protocol):
 
 
 class BlockParallelStrategy(DDPStrategy):
-    """Each block group trains its own share of the NoProp-DT blocks; see the module docstring.
+    """Each block group holds and trains its own share of the blocks; see the module docstring.
 
     Args:
         replicas: Data-parallel replicas of each block group (must divide the number of
             processes, ``devices x num_nodes``); the rest of the ranks form block groups.
+        microbatches: How many micro-batches of an evaluation batch are in flight across
+            the block groups (fewer for small batches: at least 16 samples each).
         accelerator, parallel_devices, cluster_environment, checkpoint_io,
         precision_plugin, process_group_backend, timeout, start_method: As for
             :class:`~lightning.pytorch.strategies.DDPStrategy` (launching and process groups).
@@ -99,6 +109,7 @@ class BlockParallelStrategy(DDPStrategy):
         self,
         replicas: int = 1,
         *,
+        microbatches: int = 4,
         accelerator: Any = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -126,9 +137,14 @@ class BlockParallelStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.replicas = check_int("replicas", replicas)
+        self.microbatches = check_int("microbatches", microbatches)
         self.mesh: DeviceMesh | None = None
+        #: The degrees of the current stage (``None`` before ``setup_environment``).
+        self.dims: BlockDims | None = None
+        #: What this rank holds and trains (``None`` for a module without blocks).
         self.plan: TrainingPlan | None = None
-        self._freed: dict[int, torch.Size] = {}
+        #: Every collective of this rank (one process: :class:`Runtime`, all no-ops).
+        self.runtime: Runtime = Runtime()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -152,149 +168,141 @@ class BlockParallelStrategy(DDPStrategy):
         return {"num_replicas": self.replicas, "rank": self.replica}
 
     def setup_environment(self) -> None:
-        """Start the process group and the ``replica x block_group`` mesh; check the model."""
+        """Start the process group and the ``replica x block_group`` mesh; plan this stage."""
         if self.world_size % self.replicas:
-            raise ConfigurationError(
-                f"strategy 'block_parallel' with replicas={self.replicas} needs a number of "
-                f"processes divisible by {self.replicas}, got {self.world_size} "
-                "(devices x num_nodes)"
-            )
+            BlockDims(max(self.world_size, 1), self.world_size, self.replicas)  # raises
         super().setup_environment()
-        self.plan = None
+        self.plan, self.dims = None, None
         module = self.lightning_module
-        if module is None or module.trainer.state.fn != TrainerFn.FITTING:
+        if module is None:
             return
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
         if not isinstance(module, BlockParallelModule):
-            raise ConfigurationError(
-                f"strategy 'block_parallel' trains NoProp-DT blocks in parallel, but "
-                f"{type(module).__name__} has no blocks to spread: use NoPropModule, or "
-                "strategy 'ddp' for data parallelism"
+            if fitting:
+                raise ConfigurationError(
+                    f"strategy 'block_parallel' trains NoProp-DT blocks in parallel, but "
+                    f"{type(module).__name__} has no blocks to spread: use NoPropModule, or "
+                    "strategy 'ddp' for data parallelism"
+                )
+            return
+        if fitting:
+            module.check_block_parallel()
+        self.dims = BlockDims(module.num_blocks, self.world_size, self.replicas)
+        self.runtime = Runtime()
+        if self.world_size > 1:
+            if self.mesh is None:
+                self.mesh = init_device_mesh(
+                    self.root_device.type,
+                    (self.replicas, self.block_groups),
+                    mesh_dim_names=("replica", "block_group"),
+                )
+            self.runtime = BlockRuntime(
+                self.dims,
+                self.root_device,
+                replica_group=self.mesh.get_group("replica") if self.replicas > 1 else None,
+                pipeline_group=self.mesh.get_group("block_group")
+                if self.block_groups > 1
+                else None,
             )
-        module.check_block_parallel()
-        split_blocks(len(module.blocks), self.block_groups)  # refuses k > T
-        if self.world_size > 1 and self.mesh is None:
-            self.mesh = init_device_mesh(
-                self.root_device.type,
-                (self.replicas, self.block_groups),
-                mesh_dim_names=("replica", "block_group"),
-            )
-
-    def training_plan(self, num_blocks: int, shared_trainable: bool) -> TrainingPlan:
-        """This rank's :class:`TrainingPlan` (built once per fit, kept in :attr:`plan`)."""
-        k, r = self.block_groups, self.replicas
-        group = self.global_rank % k
-        shares = split_blocks(num_blocks, k)
-        self.plan = TrainingPlan(
-            layout=BlockLayout(
-                num_blocks,
-                tuple(shares[group]),
-                shared=shared_trainable or group == 0,
-                head_loss=group == 0,
-            ),
-            backward="per_block",
-            logging="spread" if k > 1 else "local",
-            block_groups=k,
-            replicas=r,
-            block_group=group,
-            replica=self.replica,
-            owners=tuple(g for g, share in enumerate(shares) for _ in share),
-            replica_group=self.mesh.get_group("replica") if r > 1 and self.mesh else None,
-            shared_over_world=shared_trainable and self.world_size > 1,
+        self.plan = TrainingPlan.for_block_parallel(
+            self.dims, self.global_rank, module.shared_is_trainable(), self.microbatches
         )
-        return self.plan
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Models built in ``trainer.init_module()`` leave their blocks to ``configure_model``.
+
+        So no rank ever allocates a block it does not hold (the blocks are built, by each
+        rank for itself, when the trainer calls ``configure_model``).
+        """
+        with deferred_blocks(), super().tensor_init_context(empty_init):
+            yield
+
+    def setup(self, trainer: Any) -> None:
+        """DDP's setup, without its evaluation-time broadcast of rank 0's whole module.
+
+        Outside a fit ``DDPStrategy`` sends rank 0's parameters to every rank (there is no
+        wrapper to have done it); here each rank holds other blocks, loaded from the
+        checkpoint or kept from the fit.
+        """
+        if self.plan is None or trainer.state.fn == TrainerFn.FITTING:
+            super().setup(trainer)
+            return
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        self.setup_precision_plugin()
 
     def configure_ddp(self) -> None:
-        """No DDP wrapper: block gradients stay in their block group."""
-
-    # ------------------------------------------------------------------ whole model
-    def release_blocks(self) -> None:
-        """Free the parameters of the blocks this rank does not train (k > 1)."""
-        if self.plan is None or self.plan.block_groups == 1:
-            return
-        mine = set(self.plan.layout.blocks)
-        for t, block in enumerate(self.lightning_module.blocks):
-            if t in mine:
-                continue
-            for p in block.parameters():
-                if p.numel():
-                    self._freed[id(p)] = p.shape
-                    p.data = p.data.new_empty(0)
-
-    def _materialize(self) -> None:
-        if not self._freed:
-            return
-        for p in self.lightning_module.blocks.parameters():
-            if id(p) in self._freed:
-                p.data = p.data.new_empty(self._freed[id(p)])
-        self._freed = {}
-
-    def gather_model(self) -> None:
-        """Give every rank the whole model: owners broadcast their blocks, rank 0 the head."""
-        if self.plan is None or self.world_size == 1:
-            return
+        """No DDP wrapper; like DDP's, the replicas start from their owner's state."""
         module = self.lightning_module
-        self._materialize()
-        for t, block in enumerate(module.blocks):
-            _broadcast_module(block, src=self.plan.owners[t])
-        for part in module.shared_parts():
-            _broadcast_module(part, src=0)
+        if self.plan is None or not isinstance(module, BlockParallelModule):
+            return
+        blocks = {t: module.blocks[t] for t in self.plan.held_blocks}
+        self.runtime.share_initial_state(blocks, module.shared_parts())
 
-    def _training_goes_on(self) -> bool:
-        trainer = self.lightning_module.trainer
-        return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-
-    def on_train_start(self) -> None:
-        """After the sanity check: keep only this rank's blocks."""
-        self.release_blocks()
+    def _share_head(self) -> None:
+        """Every rank reads ``z_T`` with the head; only block group 0 trains a fixed one's."""
+        module = self.lightning_module
+        if self.plan is not None and self.plan.pipelined and not self.plan.shared_over_world:
+            self.runtime.share_head(module.shared_parts())
 
     def on_validation_start(self) -> None:
-        """Validation sees every block's latest weights."""
-        self.gather_model()
-
-    def on_validation_end(self) -> None:
-        """Back to this rank's blocks once a validation inside training is done."""
-        if self._training_goes_on():
-            self.release_blocks()
+        """Evaluation reads ``z_T`` with the latest head on every rank."""
+        self._share_head()
 
     def on_test_start(self) -> None:
-        """Testing sees every block's latest weights."""
-        self.gather_model()
+        """Evaluation reads ``z_T`` with the latest head on every rank."""
+        self._share_head()
 
     def on_predict_start(self) -> None:
-        """Prediction sees every block's latest weights."""
-        self.gather_model()
+        """Evaluation reads ``z_T`` with the latest head on every rank."""
+        self._share_head()
 
     def on_train_end(self) -> None:
-        """After fit, every rank holds the whole trained model."""
-        self.gather_model()
+        """After a fit every rank holds the trained head (and its own blocks)."""
+        self._share_head()
 
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The whole model's state (gathered first: checkpoints hold every block)."""
-        self.gather_model()
-        return super().lightning_module_state_dict()
-
+    # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        """Gather the owners' optimizer and scheduler states into rank 0's checkpoint."""
+        """One file from rank 0 with one block group; else each owner writes its blocks.
+
+        (:func:`~noprop_lightning.distributed.checkpoint.save_sharded`: a failure on any rank
+        raises on every rank, and the previous checkpoint stays complete.)
+        """
         plan = self.plan
-        if plan is not None and self.world_size > 1 and LAYOUT_KEY in checkpoint:
-            view = {k: checkpoint[k] for k in (LAYOUT_KEY, *CANONICAL_ENTRIES) if k in checkpoint}
-            view = move_data_to_device(view, torch.device("cpu"))
-            views: list[Any] = [None] * self.world_size
-            dist.all_gather_object(views, view)
-            # Replica 0 of each block group holds the reference states (ranks 0 .. k-1).
-            owners = views[: plan.block_groups]
-            checkpoint.update(merge_views([(v[LAYOUT_KEY], v) for v in owners]))
-            checkpoint[LAYOUT_KEY] = BlockLayout.full(plan.layout.num_blocks).record()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        if plan is not None and self.lightning_module is not None and self._training_goes_on():
-            self.release_blocks()
+        if plan is None or not plan.sharded_checkpoints or LAYOUT_KEY not in checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        if storage_options is not None or "://" in str(filepath):
+            raise ConfigurationError(
+                f"block_parallel writes sharded checkpoints (a folder of per-block files) to a "
+                f"file system every rank sees; {filepath} is remote: save to a local or shared "
+                "folder"
+            )
+        save_sharded(checkpoint, Path(filepath), self.plan, self.runtime)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        """Read the blocks this rank holds (and the rest of the state) from any checkpoint.
+
+        A checkpoint folder or a one-file checkpoint, written by any layout: only this
+        rank's blocks are read (a one-file checkpoint is memory-mapped).
+        """
+        if self.plan is None or "://" in str(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        return read_checkpoint(
+            checkpoint_path, blocks=self.plan.held_blocks, weights_only=weights_only is not False
+        )
 
     def teardown(self) -> None:
-        """Forget the mesh and the plan (the process group goes with Lightning's teardown)."""
+        """Forget the mesh, the plan and the runtime (Lightning's teardown ends the group)."""
         self.mesh = None
         self.plan = None
+        self.dims = None
+        self.runtime = Runtime()
         super().teardown()
 
     @classmethod
@@ -305,23 +313,6 @@ class BlockParallelStrategy(DDPStrategy):
             cls,
             description="NoProp-DT blocks spread over processes; only the head is synchronised",
         )
-
-
-def _broadcast_module(module: nn.Module, src: int) -> None:
-    """Broadcast every parameter and buffer of ``module`` from rank ``src``.
-
-    One flat tensor per dtype, so a block costs one or two collectives.
-    """
-    tensors = [t for t in (*module.parameters(), *module.buffers())]
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
-        group = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        dist.broadcast(flat, src=src)
-        offset = 0
-        with torch.no_grad():
-            for t in group:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
 
 
 if STRATEGY_NAME not in StrategyRegistry:

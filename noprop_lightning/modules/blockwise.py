@@ -1,12 +1,15 @@
-"""What a module of independently trained blocks needs to train only some of them.
+"""What a module of independently trained blocks needs to hold and train only some of them.
 
-:class:`BlockwiseModule` holds ``T`` blocks, each with its own optimizer, and a shared part
-(the head and the label embedding) with one more. A process trains the parts its
-:class:`~noprop_lightning.distributed.BlockLayout` names: all of them (one process), its share
-(``block_parallel``), or ``execution.train_blocks`` (a separate job). This base builds the
-optimizers of that layout, keeps checkpoints in the canonical layout (so they load and
-resume under any other), counts the training steps that seed the per-block random streams,
-and, when the blocks are spread over ranks, logs the losses without per-step communication.
+:class:`BlockwiseModule` has ``T`` blocks, each with its own optimizer, and a shared part
+(the head and the label embedding) with one more. A process holds and trains the parts its
+:class:`~noprop_lightning.distributed.plan.TrainingPlan` names: all of them (one process), its
+share (``block_parallel``: the other blocks are never built), or ``execution.train_blocks``
+(a separate job: it holds every block, trains its own). This base builds the held blocks
+(``configure_model``, each from a random stream of its own, so a block starts the same
+wherever it is built), builds the optimizers of the trained ones, keeps checkpoints in the
+canonical layout (so they load and resume under any other), counts the training steps
+that seed the per-block random streams, and, when the blocks are spread over ranks, logs
+the losses without per-step communication.
 """
 
 from __future__ import annotations
@@ -14,20 +17,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.distributed import BlockLayout, canonicalize, localize
-from noprop_lightning.distributed.plan import TrainingPlan, plan_for
+from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
+from noprop_lightning.distributed.plan import PlansTraining, TrainingPlan, plan_for
+from noprop_lightning.distributed.runtime import Runtime, micro_batches, runtime_for
 from noprop_lightning.distributed.shared import SharedGradients
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.noprop_base import NoPropBase
 from noprop_lightning.modules.optim import OptimizerGroup, build_optimizer
+from noprop_lightning.nets.placement import NotHeld
 from noprop_lightning.objectives import BlockStreams
+from noprop_lightning.objectives.streams import stream_seed
 
 #: Checkpoint key of the per-block random streams' seed and step counter.
 STREAMS_KEY = "noprop_block_streams"
 #: Checkpoint key saying that ``global_step`` counts training batches (from 0.4 on).
 STEP_UNIT_KEY = "noprop_step_unit"
+#: Stream key of the blocks' initial weights (distinct from any training stream's).
+INIT_STREAM = 1 << 41
 _MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
 _BATCHES = "epoch_loop.batch_progress"
 
@@ -56,26 +67,38 @@ def count_steps_as_batches(checkpoint: dict[str, Any]) -> None:
 class BlockwiseModule(NoPropBase):
     """Base of modules whose ``blocks`` train independently (see the module docstring).
 
-    Subclasses set :attr:`blocks` and ``objective`` (with ``head`` and ``embedding``) and
-    call :meth:`use_layout` whenever the requested layout changes.
+    Subclasses give :meth:`make_block` and ``objective`` (with ``head`` and ``embedding``),
+    call :meth:`init_blocks` in their constructor and :meth:`use_layout` whenever the
+    requested layout changes.
 
-    What a fit trains is one :class:`~noprop_lightning.distributed.plan.TrainingPlan`, made
-    in :meth:`setup` from the requested layout and the strategy (``block_parallel`` decides
-    the blocks of each rank), and asked for the layout, the backward and logging modes.
+    What a process holds and trains is one :class:`~noprop_lightning.distributed.plan.
+    TrainingPlan`: under ``block_parallel`` the strategy's (it decides the blocks of each
+    rank), otherwise made in :meth:`setup` from the requested layout.
     """
 
     blocks: nn.ModuleList
     _requested: BlockLayout
     _plan: TrainingPlan | None = None
     _stream_step = 0
+    #: The seed of the blocks' initial weights: block ``t`` starts from stream
+    #: ``(seed, t)``, the same in one process, on any rank and in any separate job.
+    _init_seed = 0
 
     # ------------------------------------------------------------------ layout
     @property
     def plan(self) -> TrainingPlan:
-        """What this process trains in the current fit (outside a fit: the requested layout)."""
+        """What this process holds and trains (outside a trainer: everything it asks for)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, PlansTraining) and strategy.plan is not None:
+            return strategy.plan
         if self._plan is None:
             return TrainingPlan(layout=self._requested)
         return self._plan
+
+    @property
+    def runtime(self) -> Runtime:
+        """Every collective of this process's run (one process: no-ops)."""
+        return runtime_for(self._trainer)
 
     @property
     def layout(self) -> BlockLayout:
@@ -91,13 +114,80 @@ class BlockwiseModule(NoPropBase):
         self._plan = None
 
     def setup(self, stage: str) -> None:
-        """Make the fit's :class:`TrainingPlan`, once, before optimizers and checkpoints."""
+        """Make the run's :class:`TrainingPlan` (unless the strategy plans), read folders."""
         super().setup(stage)
+        strategy = self._trainer.strategy if self._trainer is not None else None
         self._plan = (
-            plan_for(self._trainer, self._requested, self.shared_is_trainable())
-            if stage == "fit"
-            else None
+            None
+            if isinstance(strategy, PlansTraining)
+            else plan_for(self._trainer, self._requested)
         )
+        if strategy is not None and type(strategy.checkpoint_io) in (
+            TorchCheckpointIO,
+            AtomicCheckpointIO,
+        ):
+            strategy.checkpoint_io = CheckpointFolderIO()
+
+    # ------------------------------------------------------------------ building
+    def init_blocks(self, num_blocks: int) -> None:
+        """Give the model ``num_blocks`` empty block places (``configure_model`` fills them).
+
+        Draws the seed of the blocks' initial weights from the global generator (one draw),
+        so a seeded run builds the same blocks whichever process builds them.
+        """
+        self.blocks = nn.ModuleList(NotHeld(t) for t in range(num_blocks))
+        self._init_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+    def make_block(self) -> nn.Module:
+        """A new block with its weights drawn from the global generator (subclasses)."""
+        raise NotImplementedError
+
+    def build_block(self, t: int) -> nn.Module:
+        """Block ``t`` with its initial weights, from its own random stream, on the CPU."""
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.random.default_generator.manual_seed(stream_seed(self._init_seed, INIT_STREAM, t))
+            return self.make_block()
+
+    def configure_model(self) -> None:
+        """Build the blocks this process holds and drop the others (Lightning's hook).
+
+        Idempotent: a block already built stays as it is (trained weights are kept); a block
+        the plan does not hold (another rank's under ``block_parallel``) becomes a
+        :class:`~noprop_lightning.nets.placement.NotHeld` and its memory is freed.
+        """
+        held = set(self.plan.held_blocks)
+        device = self.objective.head.weight.device
+        for t in range(len(self.blocks)):
+            built = not isinstance(self.blocks[t], NotHeld)
+            if t in held and not built:
+                self.blocks[t] = self.build_block(t).to(device)
+            elif t not in held and built:
+                self.blocks[t] = NotHeld(t)
+
+    def held_blocks(self) -> dict[int, nn.Module]:
+        """The blocks this process holds, by index."""
+        return {t: self.blocks[t] for t in self.plan.held_blocks}
+
+    @torch.no_grad()
+    def pipelined_chain(self, x: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """``z_T`` of the inference chain run as a pipeline across the block groups.
+
+        Every rank draws the whole chain's noise from the stage's stream in one process's
+        order and uses its own blocks' steps (:meth:`DTObjective.chain_noise
+        <noprop_lightning.objectives.DTObjective.chain_noise>`), so the result is one
+        process's, bit for bit; each replica runs its own shard.
+        """
+        z_0, noise = self.objective.chain_noise(
+            x.shape[0], x.device, deterministic, self.eval_generator
+        )
+        blocks = self.held_blocks()
+
+        def segment(rows: slice, z: torch.Tensor) -> torch.Tensor:
+            eps = {t: None if noise[t] is None else noise[t][rows] for t in blocks}
+            return self.objective.run_blocks(blocks, x[rows], z, eps)
+
+        chunks = micro_batches(x.shape[0], self.plan.microbatches)
+        return self.runtime.pipeline(z_0, segment, chunks)
 
     def check_block_parallel(self) -> None:
         """Refuse what ``block_parallel`` cannot honour (subclasses add their settings)."""
@@ -135,6 +225,17 @@ class BlockwiseModule(NoPropBase):
             params += list(self.objective.embedding.parameters())
         return params
 
+    def average_replica_gradients(self, block_ids: list[int]) -> None:
+        """Average the gradients of this step's blocks over the replicas of the block group.
+
+        And of the head when this group alone steps it; a learned shared part is summed over
+        every rank by :class:`SharedGradients` instead. Nothing is sent with one replica.
+        """
+        local = [p for t in block_ids for p in self.blocks[t].parameters()]
+        if self.layout.shared and not self.plan.shared_over_world:
+            local += self.shared_parameters()
+        self.runtime.average_over_replicas(local)
+
     def shared_gradients(self, one_backward: bool) -> SharedGradients | None:
         """A collector for this batch's learned-embedding gradient, summed in block order.
 
@@ -160,11 +261,16 @@ class BlockwiseModule(NoPropBase):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the stream state and the optimizer states in the canonical layout."""
+        """Store the stream state and the optimizer states in the canonical layout.
+
+        Entries this process does not train are a fresh optimizer's state, except in a
+        sharded checkpoint, whose other entries come from their owners' files (``None``).
+        """
         super().on_save_checkpoint(checkpoint)
         checkpoint[STREAMS_KEY] = {"seed": self._run_seed, "step": self._stream_step}
         checkpoint[STEP_UNIT_KEY] = "batch"
-        canonicalize(checkpoint, self.layout, self._fresh_state)
+        sharded = self.plan.sharded_checkpoints
+        canonicalize(checkpoint, self.layout, (lambda i, e: None) if sharded else self._fresh_state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the shapes, restore the stream state, pick this layout's optimizer states."""

@@ -6,7 +6,7 @@ package calls the same code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,10 @@ def check_datamodule_matches(trainer: L.Trainer | None, model_values: Mapping[st
 
 
 def check_finite_losses(
-    trainer: L.Trainer | None, losses: Mapping[str, torch.Tensor], where: str
+    trainer: L.Trainer | None,
+    losses: Mapping[str, torch.Tensor],
+    where: str,
+    reduce_max: Callable[[int], int] | None = None,
 ) -> None:
     """Stop training if any loss is NaN or infinite (on any process); agree on signals.
 
@@ -147,6 +150,7 @@ def check_finite_losses(
         trainer: The trainer (its strategy makes every process stop together), or ``None``.
         losses: Scalar losses by a human-readable name, e.g. ``{"block 3": loss}``.
         where: The step, for the message (e.g. ``"global step 12 (epoch 0, batch 3)"``).
+        reduce_max: The run's maximum over every process (its runtime's ``agree``).
 
     Raises:
         TrainingDivergedError: Naming the step and the offending losses.
@@ -155,7 +159,7 @@ def check_finite_losses(
     finite_here = bool(torch.isfinite(values).all())
     # Every process must stop together, or DDP would hang on the next collective. The same
     # collective carries a pending SIGINT/SIGTERM of any rank (one stop path, see STOP).
-    if not STOP.agree(trainer, diverged_here=not finite_here):
+    if not STOP.agree(trainer, diverged_here=not finite_here, reduce_max=reduce_max):
         return
     if finite_here:
         culprits = "a loss on another process (this process's losses are finite)"

@@ -17,7 +17,13 @@ from noprop_lightning.modules.parallel import (
     require_find_unused_parameters,
     same_on_every_rank,
 )
-from noprop_lightning.nets import BlockNetwork, ClassifierHead, LabelEmbedding, build_blocks
+from noprop_lightning.nets import (
+    BlockNetwork,
+    ClassifierHead,
+    LabelEmbedding,
+    blocks_deferred,
+    build_block,
+)
 from noprop_lightning.nets.embeddings import EmbeddingKind
 from noprop_lightning.objectives import BlockStreams, DTBatch, DTObjective, DTSettings
 from noprop_lightning.schedules import CosineSchedule
@@ -105,12 +111,12 @@ class NoPropModule(BlockwiseModule):
         self.num_blocks = check_int("num_blocks (T)", num_blocks)
         check_choice("block_order", block_order, BlockOrder)
         self.block_order = block_order
-        network = BlockNetwork.coerce(network)
+        self._network = network = BlockNetwork.coerce(network)
         settings = DTSettings.coerce(objective)
         label_embedding = LabelEmbedding(
             embedding, num_classes, embed_dim, (in_channels, image_size, image_size)
         )
-        self.blocks = build_blocks(num_blocks, label_embedding, in_channels, image_size, network)
+        self.init_blocks(num_blocks)  # built at the end, or by configure_model
         self.objective = DTObjective(
             embedding=label_embedding,
             head=ClassifierHead(label_embedding, num_classes, network.head_init),
@@ -120,6 +126,12 @@ class NoPropModule(BlockwiseModule):
         self.record_settings(network=network, objective=settings)
         self.inference = inference
         self.execution = execution
+        if not blocks_deferred():  # else the trainer calls configure_model (held blocks only)
+            self.configure_model()
+
+    def make_block(self) -> torch.nn.Module:
+        """A new NoProp-DT block (:class:`~noprop_lightning.nets.DenoisingBlock`)."""
+        return build_block(self.embedding, self.in_channels, self.image_size, self._network)
 
     # ------------------------------------------------------------------ parts and settings
     @property
@@ -151,25 +163,13 @@ class NoPropModule(BlockwiseModule):
     @execution.setter
     def execution(self, settings: ExecutionSettings | dict[str, Any]) -> None:
         settings = ExecutionSettings.coerce(settings)
-        if settings.train_blocks is None and settings.train_head:
-            layout = BlockLayout.full(self.num_blocks)
-        else:
-            blocks = (
-                range(self.num_blocks) if settings.train_blocks is None else settings.train_blocks
+        layout = BlockLayout.requested(self.num_blocks, settings.train_blocks, settings.train_head)
+        selected = settings.train_blocks is not None or not settings.train_head
+        if selected and self.block_order == "random":
+            raise ConfigurationError(
+                "execution.train_blocks / train_head select the blocks a run trains; "
+                "block_order='random' would need every run's draw: use block_order='all'"
             )
-            layout = BlockLayout(
-                self.num_blocks, tuple(blocks), settings.train_head, settings.train_head
-            )
-            if not layout.blocks and not layout.shared:
-                raise ConfigurationError(
-                    "execution.train_blocks is empty and train_head is false: this run would "
-                    "train nothing; name the blocks it trains (0-based), or train the head"
-                )
-            if self.block_order == "random":
-                raise ConfigurationError(
-                    "execution.train_blocks / train_head select the blocks a run trains; "
-                    "block_order='random' would need every run's draw: use block_order='all'"
-                )
         self.executor = executor_for(settings)
         self.objective.use_backend(settings.diffusion_backend)
         self._execution = settings
@@ -284,12 +284,10 @@ class NoPropModule(BlockwiseModule):
         terms = {{"loss_head": "head cross-entropy", "kl": "KL"}[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
         if shared is not None:
-            shared.finish(plan)
-        if steps_now:  # block_parallel: replicas average gradients
-            plan.synchronize_gradients(
-                [p for t in block_ids for p in self.blocks[t].parameters()],
-                self.shared_parameters() if self.layout.shared else [],
-            )
+            shared.finish(plan, self.runtime)
+        if steps_now:
+            if not one_backward:  # block_parallel: replicas average gradients
+                self.average_replica_gradients(block_ids)
             stepped = [optimizers[self.layout.optimizer_index(t)] for t in block_ids]
             stepped += [optimizers[-1]] if self.layout.shared else []
             for opt in stepped:  # each block's own gradient norm (trainer's gradient_clip_val)
@@ -343,5 +341,7 @@ class NoPropModule(BlockwiseModule):
         """
         if deterministic is None:
             deterministic = self.inference == "deterministic"
+        if self.plan.pipelined:  # block_parallel: this rank's blocks are one stage
+            return self.objective.classify(self.pipelined_chain(x, deterministic))
         z = self.objective.sample(self.blocks, x, deterministic, self.eval_generator)
         return self.objective.classify(z)

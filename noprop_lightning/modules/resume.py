@@ -15,6 +15,7 @@ from noprop_lightning.callbacks.checkpoint import (
     check_checkpoint_matches,
     check_full_training_state,
 )
+from noprop_lightning.distributed.runtime import runtime_for
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
 from noprop_lightning.modules.guards import check_finite_losses as _check_finite_losses
 
@@ -168,7 +169,9 @@ class ResumeHooks:
         written on the stop are those before the batch.
         """
         try:
-            _check_finite_losses(self._trainer, losses, self.step_name(batch_idx))
+            _check_finite_losses(
+                self._trainer, losses, self.step_name(batch_idx), runtime_for(self._trainer).agree
+            )
         except TrainingDivergedError:
             with torch.no_grad():
                 for buffer, saved in self._stats_before or []:

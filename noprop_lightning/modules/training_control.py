@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateFinder, Stochastic
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
+from noprop_lightning.distributed.runtime import runtime_for
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.optim import build_optimizer
 from noprop_lightning.stopping import STOP
@@ -105,7 +106,7 @@ class TrainingControl:
 
     def on_train_end(self) -> None:
         """A signal received after the last training batch still stops every rank."""
-        STOP.stop_if_signalled(self.trainer)
+        STOP.stop_if_signalled(self.trainer, runtime_for(self.trainer).agree)
 
     def teardown(self, stage: str) -> None:
         """Give SIGINT/SIGTERM back, and the trainer the options this module honoured."""

@@ -151,6 +151,26 @@ def denoise(logits: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) @ embed_weight
 
 
+def build_block(
+    embedding: LabelEmbedding,
+    in_channels: int,
+    image_size: int,
+    network: NetworkSettings,
+) -> DenoisingBlock:
+    """Build one :class:`DenoisingBlock` for ``embedding`` (its weights from the global RNG)."""
+    return DenoisingBlock(
+        embedding.num_classes,
+        embedding.dim,
+        in_channels,
+        image_size,
+        network.encoder,
+        network.channels,
+        network.hidden,
+        network.dropout,
+        image_shaped_labels=embedding.is_image_shaped,
+    )
+
+
 def build_blocks(
     num_blocks: int,
     embedding: LabelEmbedding,
@@ -160,16 +180,5 @@ def build_blocks(
 ) -> nn.ModuleList:
     """Build ``num_blocks`` independent :class:`DenoisingBlock` s for ``embedding``."""
     return nn.ModuleList(
-        DenoisingBlock(
-            embedding.num_classes,
-            embedding.dim,
-            in_channels,
-            image_size,
-            network.encoder,
-            network.channels,
-            network.hidden,
-            network.dropout,
-            image_shaped_labels=embedding.is_image_shaped,
-        )
-        for _ in range(num_blocks)
+        build_block(embedding, in_channels, image_size, network) for _ in range(num_blocks)
     )
