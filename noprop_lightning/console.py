@@ -23,6 +23,7 @@ TOOLS = {
     "compare": ("noprop_lightning.compare", "train NoProp-DT and backprop alike, compare them"),
     "report": ("noprop_lightning.report", "table and plots of finished runs"),
     "merge": ("noprop_lightning.merge", "merge checkpoints of jobs that trained other blocks"),
+    "consolidate": ("noprop_lightning.consolidate", "write a sharded checkpoint as one file"),
 }
 
 

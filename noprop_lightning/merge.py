@@ -30,9 +30,10 @@ import torch
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.callbacks.checkpoint import flatten_mapping
-from noprop_lightning.cli.checkpoints import read_checkpoint_header
+from noprop_lightning.cli.checkpoints import check_output, read_checkpoint_header
+from noprop_lightning.distributed.checkpoint import is_sharded, read_checkpoint
 from noprop_lightning.distributed.layout import LAYOUT_KEY, BlockLayout, merge_views
-from noprop_lightning.errors import CheckpointError, ConfigurationError, exit_status
+from noprop_lightning.errors import CheckpointError, exit_status
 from noprop_lightning.modules.blockwise import STREAMS_KEY
 
 #: Hyper-parameters that may differ between jobs (how each ran, not what it trained).
@@ -47,7 +48,7 @@ def merge_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     """
     if len(paths) < 2:
         raise CheckpointError("give at least two job checkpoints to merge")
-    checkpoints = [read_checkpoint_header(p, option="a checkpoint to merge") for p in paths]
+    checkpoints = [_read(p) for p in paths]
     names = [str(p) for p in paths]
     for name, ckpt in zip(names, checkpoints, strict=True):
         if LAYOUT_KEY not in ckpt:
@@ -81,6 +82,12 @@ def merge_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     hparams["execution"] = execution
     merged["hyper_parameters"] = hparams
     return merged
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    """A job's checkpoint, checked, as one dictionary (a folder's block files read in)."""
+    header = read_checkpoint_header(path, option="a checkpoint to merge")
+    return read_checkpoint(path) if is_sharded(path) else header
 
 
 def _block_of(key: str) -> int | None:
@@ -144,31 +151,6 @@ def save_atomically(checkpoint: Mapping[str, Any], path: str | Path) -> None:
         CheckpointError: A full disk or a folder that cannot be written (one clear message).
     """
     AtomicCheckpointIO().save_checkpoint(dict(checkpoint), Path(path))
-
-
-def check_output(out: str | Path, inputs: Sequence[str | Path], force: bool) -> None:
-    """Refuse to write the merged model over one of the jobs' checkpoints, or over a file.
-
-    Raises:
-        ConfigurationError: ``out`` is one of ``inputs`` (its job would later resume from the
-            merged model without a word), or exists and ``force`` is false, or is a folder.
-    """
-    target = Path(out)
-    for given in inputs:
-        if target.resolve() == Path(given).resolve() or (
-            target.exists() and Path(given).exists() and target.samefile(given)
-        ):
-            raise ConfigurationError(
-                f"--out {out} is one of the checkpoints being merged: writing the merged model "
-                "there would replace that job's own state (a later --ckpt_path last of the "
-                "job would resume from the merged model). Choose another --out"
-            )
-    if target.is_dir():
-        raise ConfigurationError(f"--out {out} is a folder: give the file to write")
-    if target.exists() and not force:
-        raise ConfigurationError(
-            f"--out {out} already exists: choose another name, or pass --force to replace it"
-        )
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

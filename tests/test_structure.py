@@ -41,6 +41,7 @@ FLOORS = {
     "export": 6,  # torch.export / ONNX of a trained module's inference
     "compare": 7,
     "merge": 7,
+    "consolidate": 7,  # a checkpoint folder written as one file
     "__init__": 8,
     "console": 9,  # the installed command: dispatches to the CLI and the tools
 }

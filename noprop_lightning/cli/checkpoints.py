@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from noprop_lightning.callbacks.checkpoint import (
     structural_differences,
 )
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
-from noprop_lightning.errors import CheckpointError, CheckpointMismatchError
+from noprop_lightning.distributed.checkpoint import INDEX_NAME, SHARDS_KEY
+from noprop_lightning.errors import CheckpointError, CheckpointMismatchError, ConfigurationError
 from noprop_lightning.modules.base import ClassifierModule
 
 #: Model settings a resumed run takes from its config, not from the checkpoint: the
@@ -42,27 +43,56 @@ def is_special_ckpt_path(path: str) -> bool:
 
 
 def read_checkpoint_header(path: str | Path, option: str = "--ckpt_path") -> dict[str, Any]:
-    """Check that a checkpoint file exists and is intact; return it loaded on the CPU.
+    """Check that a checkpoint exists and is intact; return it, memory-mapped, on the CPU.
 
-    A Lightning checkpoint is a zip archive (``torch.save``); its CRCs are verified before
-    unpickling, so a truncated or damaged file gives one clear message.
+    A Lightning checkpoint file is a zip archive (``torch.save``); its CRCs are verified
+    before unpickling, so a truncated or damaged file gives one clear message. The tensors
+    are memory-mapped, not read: checking a large checkpoint costs no memory. A
+    ``block_parallel`` checkpoint folder (:mod:`~noprop_lightning.distributed.checkpoint`)
+    is checked the same way through its index, and every block file it lists must exist;
+    what is returned is then the index (everything but the blocks).
 
     Args:
-        path: The checkpoint file.
+        path: The checkpoint file or folder.
         option: What the path was given as, for the message.
 
     Returns:
         The checkpoint dictionary, loaded with ``weights_only=True``.
 
     Raises:
-        CheckpointError: If the file is missing, truncated, corrupt or not a checkpoint.
+        CheckpointError: If the checkpoint is missing, truncated, corrupt or not a checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        index = path / INDEX_NAME
+        if not index.is_file():
+            raise CheckpointError(
+                f"{option} {path} is a folder without {INDEX_NAME}, not a checkpoint (a "
+                "block_parallel checkpoint is a folder with that index, written last: a save "
+                "interrupted the first time leaves none). Point it at a .ckpt file or folder, "
+                "e.g. lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run."
+            )
+        header = _read_intact(index)
+        files = (header.get(SHARDS_KEY) or {}).get("files", []) if isinstance(header, dict) else []
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint folder {path} lists {missing[0]}"
+                f"{f' and {len(missing) - 1} more block files' if len(missing) > 1 else ''}, "
+                "but they are missing: it was copied in part or changed by hand. Copy the "
+                "whole folder, or use another checkpoint of the run."
+            )
+        return header
     if not path.is_file():
         raise CheckpointError(
             f"{option} {path} does not exist or is not a file. Point it at a .ckpt file, e.g. "
             "lightning_logs/<name>/version_<n>/checkpoints/last.ckpt of the run."
         )
+    return _read_intact(path)
+
+
+def _read_intact(path: Path) -> Any:
+    """``path`` loaded (memory-mapped) after its zip CRCs were checked."""
     damaged = None
     try:
         with zipfile.ZipFile(path) as archive:
@@ -73,7 +103,7 @@ def read_checkpoint_header(path: str | Path, option: str = "--ckpt_path") -> dic
         damaged = f"{type(err).__name__}: {err}"
     if damaged is None:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
             damaged = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     raise CheckpointError(
@@ -205,7 +235,8 @@ def describe_progress(path: str | Path) -> str:
     (the checks of ``--ckpt_path`` then say why).
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        index = Path(path) / INDEX_NAME if Path(path).is_dir() else path
+        checkpoint = torch.load(index, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - only a description: the real read comes later
         return ""
     if not isinstance(checkpoint, Mapping):
@@ -218,3 +249,40 @@ def describe_progress(path: str | Path) -> str:
         pass
     parts.append(f"global step {checkpoint.get('global_step')}")
     return f" ({', '.join(parts)})"
+
+
+def check_output(
+    out: str | Path, inputs: Sequence[str | Path], force: bool, action: str = "merged"
+) -> None:
+    """Refuse to write a tool's output checkpoint over one of its inputs, or over a file.
+
+    Args:
+        out: The file the tool writes (``--out``).
+        inputs: The checkpoints it reads.
+        force: Whether an existing ``out`` may be replaced.
+        action: What the tool does to ``inputs``, for the message.
+
+    Raises:
+        ConfigurationError: ``out`` is one of ``inputs`` (its job would later resume from the
+            merged model without a word), or exists and ``force`` is false, or is a folder.
+    """
+    target = Path(out)
+    for given in inputs:
+        if target.resolve() == Path(given).resolve() or (
+            target.exists() and Path(given).exists() and target.samefile(given)
+        ):
+            if action != "merged":
+                raise ConfigurationError(
+                    f"--out {out} is the checkpoint being {action}: choose another --out"
+                )
+            raise ConfigurationError(
+                f"--out {out} is one of the checkpoints being merged: writing the merged model "
+                "there would replace that job's own state (a later --ckpt_path last of the "
+                "job would resume from the merged model). Choose another --out"
+            )
+    if target.is_dir():
+        raise ConfigurationError(f"--out {out} is a folder: give the file to write")
+    if target.exists() and not force:
+        raise ConfigurationError(
+            f"--out {out} already exists: choose another name, or pass --force to replace it"
+        )

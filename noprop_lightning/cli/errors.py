@@ -207,6 +207,14 @@ def _optimizer_hint(message: str) -> str:
     return ""
 
 
+def is_block_parallel(trainer: Any) -> bool:
+    """Whether the ``trainer`` part of a config asks for ``block_parallel``."""
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str):
+        return strategy == STRATEGY_NAME
+    return names_subclass(strategy, BlockParallelStrategy)
+
+
 def check_block_groups(trainer: Any, model: Any) -> None:
     """Refuse a ``block_parallel`` layout that cannot work before any rank starts.
 
@@ -217,12 +225,9 @@ def check_block_groups(trainer: Any, model: Any) -> None:
     Raises:
         ConfigurationError: For a layout :class:`BlockDims` refuses.
     """
-    strategy = trainer.get("strategy")
-    if isinstance(strategy, str):
-        if strategy != STRATEGY_NAME:
-            return
-    elif not names_subclass(strategy, BlockParallelStrategy):
+    if not is_block_parallel(trainer):
         return
+    strategy = trainer.get("strategy")
     devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)

@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from noprop_lightning.cli.checkpoints import (
     describe_progress,
     model_checkpoint_states,
     names_subclass,
+    read_checkpoint_header,
 )
+from noprop_lightning.distributed.checkpoint import checkpoint_exists, checkpoint_mtime
 from noprop_lightning.distributed.elastic import Launch, current_launch, join_group
 from noprop_lightning.errors import ConfigurationError
 
@@ -60,7 +61,7 @@ def place_run(logger: Any, ckpt_path: str | None, subcommand: str) -> None:
     if root is None or subcommand != "fit":
         return
     init_args = logger.init_args
-    checkpoint = Path(ckpt_path).resolve() if ckpt_path and Path(ckpt_path).is_file() else None
+    checkpoint = Path(ckpt_path).resolve() if ckpt_path and checkpoint_exists(ckpt_path) else None
     if init_args.get("version") is None:
         run = _run_of(root, checkpoint)
         if run is not None:
@@ -123,7 +124,10 @@ def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | N
             f"--ckpt_path {name} needs a TensorBoard or CSV logger to find the runs; give the "
             "checkpoint file instead."
         )
-    runs = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(
+        (p for p in root.glob("*/checkpoints/last.ckpt") if checkpoint_exists(p)),
+        key=checkpoint_mtime,
+    )
     if not runs:
         if name == "last" and subcommand == "fit":
             print(f"--ckpt_path last: no run under {root} has a last.ckpt yet, starting a new run")
@@ -135,9 +139,9 @@ def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | N
     last = runs[-1]
     if name == "last":
         return str(last)
-    for state in model_checkpoint_states(torch.load(last, map_location="cpu", weights_only=True)):
+    for state in model_checkpoint_states(read_checkpoint_header(last)):
         best = state.get("best_model_path")
-        if best and Path(best).is_file():
+        if best and checkpoint_exists(best):
             return str(best)
     raise ConfigurationError(
         f"--ckpt_path best: the latest run {last.parent.parent} records no best checkpoint "
@@ -244,7 +248,7 @@ def _plan_start(trainer: Any, ckpt_path: str | None, launch: Launch) -> dict[str
 
 def _claim_folder(root: Path, version: Any, ckpt_path: str | None) -> tuple[Path, Any]:
     """The run folder of a first start and the logger version naming it (created here)."""
-    checkpoint = Path(ckpt_path).resolve() if ckpt_path and Path(ckpt_path).is_file() else None
+    checkpoint = Path(ckpt_path).resolve() if ckpt_path and checkpoint_exists(ckpt_path) else None
     if version is not None:
         folder = root / version_folder(version)
         refuse_taken_folder(folder, version, checkpoint)
@@ -281,16 +285,16 @@ def _plan_restart(marker: Path, trainer: Any, launch: Launch) -> dict[str, Any]:
         for d in _checkpoint_folders(folder, trainer)
         if d.is_dir()
         for f in d.glob("*.ckpt")
-        if f.is_file() and f.stat().st_mtime >= since
+        if checkpoint_exists(f) and checkpoint_mtime(f) >= since
     ]
-    newest = max(found, key=lambda f: (f.stat().st_mtime, f.name == "last.ckpt"), default=None)
+    newest = max(found, key=lambda f: (checkpoint_mtime(f), f.name == "last.ckpt"), default=None)
     first = record.get("ckpt_path")
     stopped = f"{launch.describe()}: the run in {folder} wrote no checkpoint before it stopped"
     if newest is not None:
         ckpt_path: str | None = str(newest)
         message = f"{launch.describe()}: resuming the run in {folder} from its latest checkpoint "
         message += str(newest)
-    elif first and Path(first).is_file():
+    elif first and checkpoint_exists(first):
         ckpt_path = first
         message = f"{stopped}; starting again from {first}"
     else:

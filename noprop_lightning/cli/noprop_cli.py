@@ -6,6 +6,7 @@ settings (seed, parser, saved config); constructing it directly skips them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import sys
@@ -33,6 +34,7 @@ from noprop_lightning.cli.configs import NamedConfigFile
 from noprop_lightning.cli.errors import (
     check_accelerator,
     check_block_groups,
+    is_block_parallel,
     raised_by_lightning,
     trainer_setup_message,
 )
@@ -40,6 +42,7 @@ from noprop_lightning.cli.folders import place_run, starting_checkpoint
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import resuming_into
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.nets import deferred_blocks
 
 __all__ = ["NoPropCLI"]
 
@@ -136,11 +139,45 @@ class NoPropCLI(LightningCLI):
             for key in config_wins(cls):
                 if key in model.init_args:
                     keep[key] = copy.deepcopy(model.init_args[key])
-        super()._parse_ckpt_path()
+        self._apply_checkpoint_hparams()
         model = self._model_config()
         if model is not None and model.get("init_args") is not None:
             for key, value in keep.items():
                 model.init_args[key] = value
+
+    def _apply_checkpoint_hparams(self) -> None:
+        """The model settings of ``--ckpt_path`` into the config, as LightningCLI does.
+
+        Read from the checkpoint already checked (memory-mapped: Lightning's own step loads
+        every tensor of the file on every rank, and cannot read a checkpoint folder).
+        """
+        header = self._ckpt_header
+        if header is None or not self.config.get("subcommand"):
+            return
+        hparams = dict(header.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        update = {self.config.subcommand: {"model": hparams}}
+        try:
+            self.config = self.parser.parse_object(update, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; under ``block_parallel`` the model without blocks.
+
+        Each rank then builds the blocks it holds when the trainer calls
+        ``configure_model`` (:func:`~noprop_lightning.nets.deferred_blocks`), so no rank
+        ever allocates the whole model.
+        """
+        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
+        parallel = trainer is not None and is_block_parallel(trainer)
+        with deferred_blocks() if parallel else contextlib.nullcontext():
+            super().instantiate_classes()
 
     def _model_config(self) -> Any:
         model = self._section(self.config).get("model")

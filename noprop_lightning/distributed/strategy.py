@@ -298,11 +298,10 @@ class BlockParallelStrategy(DDPStrategy):
         )
 
     def teardown(self) -> None:
-        """Forget the mesh, the plan and the runtime (Lightning's teardown ends the group)."""
-        self.mesh = None
-        self.plan = None
-        self.dims = None
-        self.runtime = Runtime()
+        """Lightning's teardown; the plan, mesh and runtime stay until the next stage's setup.
+
+        So ``trainer.save_checkpoint`` after ``fit`` writes each rank's blocks as during it.
+        """
         super().teardown()
 
     @classmethod

@@ -14,6 +14,8 @@ the losses without per-step communication.
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
 from noprop_lightning.distributed import BlockLayout, canonicalize, localize
-from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
+from noprop_lightning.distributed.checkpoint import CheckpointFolderIO, is_sharded, read_checkpoint
 from noprop_lightning.distributed.plan import PlansTraining, TrainingPlan, plan_for
 from noprop_lightning.distributed.runtime import Runtime, micro_batches, runtime_for
 from noprop_lightning.distributed.shared import SharedGradients
@@ -83,6 +85,20 @@ class BlockwiseModule(NoPropBase):
     #: The seed of the blocks' initial weights: block ``t`` starts from stream
     #: ``(seed, t)``, the same in one process, on any rank and in any separate job.
     _init_seed = 0
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, also for a ``block_parallel`` checkpoint folder.
+
+        The folder's block files are read into one checkpoint in this process (which then
+        holds the whole model); the arguments are Lightning's.
+        """
+        if isinstance(checkpoint_path, str | os.PathLike) and is_sharded(checkpoint_path):
+            buffer = io.BytesIO()
+            torch.save(read_checkpoint(checkpoint_path), buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ layout
     @property
