@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint
 from noprop_lightning.callbacks import atomic as atomic_module
-from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
 from noprop_lightning.cli import main
+from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
 from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
 
