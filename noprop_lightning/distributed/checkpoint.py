@@ -127,12 +127,24 @@ def block_file(t: int, save_id: str, num_blocks: int) -> str:
     return f"block-{t:0{len(str(num_blocks - 1))}d}.{save_id}.pt"
 
 
-def commit(checkpoint: Mapping[str, Any], target: Path, save_id: str) -> None:
+def commit(
+    checkpoint: Mapping[str, Any],
+    target: Path,
+    save_id: str,
+    layout: Mapping[str, Any] | None = None,
+) -> None:
     """Write the index of save ``save_id`` (rank 0, after every block file is written).
 
     The index is ``checkpoint`` without the blocks (their weights and optimizer states are
     in the block files), plus the list of those files. Renaming it into place commits the
     save; then what earlier saves left in the folder is removed.
+
+    Args:
+        checkpoint: The checkpoint of the process committing (its non-block state).
+        target: The checkpoint folder.
+        save_id: The save's id (its block files' names).
+        layout: The :data:`LAYOUT_KEY` record of the whole folder (``None``: the
+            checkpoint's own), e.g. every part when every rank wrote its own.
 
     Raises:
         CheckpointError: A full disk or a folder that cannot be written.
@@ -153,7 +165,8 @@ def commit(checkpoint: Mapping[str, Any], target: Path, save_id: str) -> None:
         "num_blocks": num_blocks,
         "files": files,
     }
-    index[LAYOUT_KEY] = BlockLayout.full(num_blocks).record()
+    if layout is not None:
+        index[LAYOUT_KEY] = dict(layout)
     staging = staging_folder(target, save_id)
     folder = staging or target
     save_file(index, folder / INDEX_NAME, remove_leftovers=False)
@@ -209,7 +222,8 @@ def save_sharded(
         )
     if runtime.rank == 0:
         try:
-            commit(checkpoint, target, save_id)
+            full = BlockLayout.full(int(checkpoint[LAYOUT_KEY]["num_blocks"])).record()
+            commit(checkpoint, target, save_id, layout=full)  # every part, by its owner
         except CheckpointError as err:
             error = err
     if not runtime.all_true(error is None):
