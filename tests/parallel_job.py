@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 
@@ -127,6 +128,39 @@ MODEL_SIZES: dict = {
 }
 
 
+def die_during_saves(args: argparse.Namespace, rank: int) -> None:
+    """Kill this process (SIGKILL) in the middle of a sharded checkpoint save, for the tests.
+
+    ``--kill-before-commit N``: rank 0 at its N-th save, once every block file is written
+    and before the index is; ``--kill-writing-block N``: rank 1 at its N-th block file, half
+    of it written.
+    """
+    from noprop_lightning.distributed import checkpoint as sharded
+
+    if args.kill_before_commit is not None and rank == 0:
+        commit, saves = sharded.commit, []
+
+        def dying_commit(*a, **k):
+            saves.append(1)
+            if len(saves) == args.kill_before_commit:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return commit(*a, **k)
+
+        sharded.commit = dying_commit
+    if args.kill_writing_block is not None and rank == 1:
+        save_file, files = sharded.save_file, []
+
+        def dying_save(checkpoint, target, remove_leftovers=True):
+            files.append(1)
+            if len(files) == args.kill_writing_block:
+                partial = target.with_name(f".{target.name}.killed.partial")
+                partial.write_bytes(b"PK" + b"\0" * 64)  # a torch.save cut short
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save_file(checkpoint, target, remove_leftovers)
+
+        sharded.save_file = dying_save
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -142,11 +176,26 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--inference", default="deterministic")
+    parser.add_argument(
+        "--seed-per-rank", action="store_true", help="each rank seeds otherwise (no agreement)"
+    )
+    parser.add_argument("--every-n-steps", type=int, default=None, help="save last.ckpt so often")
+    parser.add_argument(
+        "--kill-before-commit", type=int, default=None, help="rank 0: SIGKILL at this save"
+    )
+    parser.add_argument(
+        "--kill-writing-block", type=int, default=None, help="rank 1: SIGKILL mid-file"
+    )
     args = parser.parse_args()
     MODEL_SIZES.update(num_blocks=args.blocks)
 
     torch.set_num_threads(1)
-    L.seed_everything(7, verbose=False)
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.seed_per_rank:
+        torch.manual_seed(1000 + rank)  # replicas build other initial weights
+    else:
+        L.seed_everything(7, verbose=False)
+    die_during_saves(args, rank)
     model = NoPropModule(
         num_classes=4,
         in_channels=1,
@@ -171,7 +220,12 @@ def main() -> None:
     strategy = args.strategy
     if args.replicas > 1 and args.strategy == "block_parallel":
         strategy = BlockParallelStrategy(replicas=args.replicas)
-    checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=0)
+    checkpoint = ModelCheckpoint(
+        dirpath=args.out / "ckpt",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=args.every_n_steps,
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -207,6 +261,7 @@ def main() -> None:
             "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "fit_metrics": fit_metrics,
             "probs": torch.cat([batch["probs"] for batch in predicted]),
+            "parameters": [name for name, _ in model.named_parameters()],
         },
         args.out / f"rank{trainer.global_rank}.pt",
     )

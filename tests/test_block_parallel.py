@@ -41,6 +41,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "parallel_job.py"
 BLOCK_PARALLEL = ["--devices", "2", "--strategy", "block_parallel"]
+#: The model of tests/parallel_job.py.
+TINY_FOR_JOB = {"num_classes": 4, "in_channels": 1, "image_size": 8}
+TINY_FOR_JOB["network"] = {"channels": (4, 4, 4), "hidden": 16}
 
 
 def run_job(out: Path, *args: str) -> None:
@@ -234,6 +237,72 @@ def test_resume_across_layouts_is_exact(runs):
         assert equal(ckpt(runs / resumed)["optimizer_states"], straight_ckpt["optimizer_states"])
 
 
+def test_a_checkpoint_folder_resumes_on_another_number_of_block_groups(runs):
+    """Written by 2 block groups (2 ranks), resumed by 3 (T=3 on 3 ranks): the same
+    parameters and optimizer states as 4 epochs in one process."""
+    folder = runs / "bp" / "ckpt" / "last.ckpt"
+    assert folder.is_dir()  # a checkpoint folder: one file per block, from its owner
+    three = ["--devices", "3", "--strategy", "block_parallel"]
+    run_job(runs / "bp_to_3", "--epochs", "4", "--ckpt_path", str(folder), *three)
+    straight = ckpt(runs / "single4")
+    for rank in range(3):
+        state = load(runs / "bp_to_3", rank)["state_dict"]
+        assert holds(state, load(runs / "single4")["state_dict"], [rank]), rank
+    assert equal(ckpt(runs / "bp_to_3")["state_dict"], straight["state_dict"])
+    assert equal(ckpt(runs / "bp_to_3")["optimizer_states"], straight["optimizer_states"])
+
+
+def run_killed(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(JOB), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=out.parent,
+    )
+    assert result.returncode != 0, "the job was to be killed during a save"
+    return result
+
+
+@pytest.fixture(scope="module")
+def saved_at_step_6(tmp_path_factory) -> dict:
+    """An uninterrupted 2-rank run saving last.ckpt every 3 steps, stopped after step 6."""
+    out = tmp_path_factory.mktemp("every3") / "run"
+    run_job(out, *BLOCK_PARALLEL, "--every-n-steps", "3", "--epochs", "1")
+    return ckpt(out)
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [["--kill-before-commit", "3"], ["--kill-writing-block", "3"]],
+    ids=["rank0-before-commit", "rank1-mid-block-file"],
+)
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_complete(
+    runs, saved_at_step_6, tmp_path, kill
+):
+    """Saving every 3 steps, a rank is SIGKILLed during the third save (step 9): after every
+    block file of it was written but before rank 0 committed the index, or halfway through a
+    block file. The folder still holds the second save (step 6) whole, bit for bit what an
+    uninterrupted run saved there; a fit resumes from it (into the same folder), and its
+    first save removes what the killed one left."""
+    out = tmp_path / "run"
+    run_killed(out, *BLOCK_PARALLEL, "--every-n-steps", "3", *kill)
+    folder = out / "ckpt" / "last.ckpt"
+    leftovers = [p.name for p in folder.iterdir() if p.name != "checkpoint.pt"]
+    assert len(leftovers) > 3, leftovers  # the killed save's files lie beside the second's
+    saved = read_checkpoint(folder)
+    assert saved["global_step"] == saved_at_step_6["global_step"] == 6
+    assert equal(saved["state_dict"], saved_at_step_6["state_dict"])
+    assert equal(saved["optimizer_states"], saved_at_step_6["optimizer_states"])
+    run_job(out, *BLOCK_PARALLEL, "--every-n-steps", "3", "--ckpt_path", str(folder))
+    assert ckpt(out)["global_step"] == 12
+    assert equal(ckpt(out)["state_dict"], ckpt(runs / "bp")["state_dict"])
+    names = sorted(p.name for p in folder.iterdir())
+    assert names[-1] == "checkpoint.pt" and len(names) == 4, names  # 3 block files + index
+
+
 # ---------------------------------------------------------------------- merge refusals
 @pytest.mark.parametrize(
     ("other", "message"),
@@ -306,6 +375,49 @@ def test_more_ranks_than_blocks_is_a_clear_cli_error(tmp_path):
     assert len(errors) == 1  # refused before the ranks start, not once per rank
     assert "Initializing distributed" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def cli(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_the_command_line_tests_a_checkpoint_folder_on_any_number_of_processes(tmp_path):
+    """fit on 2 block groups writes folders; `test --ckpt_path` of one runs the pipeline on
+    2 ranks (each reads its blocks) and in one process (which reads all): the same numbers."""
+    common = [
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--model.init_args.num_blocks=3",
+        "--model.init_args.network.channels=[4,4,4]",
+        "--model.init_args.network.hidden=16",
+        "--trainer.accelerator=cpu",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=2",
+        "--trainer.limit_test_batches=3",
+        "--trainer.enable_progress_bar=false",
+    ]
+    two = ["--trainer.devices=2", "--trainer.strategy=block_parallel"]
+    cli(tmp_path, "fit", *common, *two, "--trainer.max_epochs=1", "--test_after_fit=false")
+    folder = tmp_path / "lightning_logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert (folder / "checkpoint.pt").is_file() and len(list(folder.glob("block-*.pt"))) == 3
+    found = []
+    for extra in (two, []):
+        out = cli(tmp_path, "test", *common, *extra, "--ckpt_path", str(folder))
+        assert "Traceback" not in out
+        found.append(
+            [line.split("│")[2].strip() for line in out.splitlines() if "test/loss" in line]
+        )
+    assert found[0] == found[1] and len(found[0]) == 1, found
 
 
 def test_unsupported_settings_are_refused():
@@ -429,6 +541,44 @@ def test_two_by_two_sends_each_block_group_only_its_own_gradients(mesh_runs):
         steps = load(mesh_runs / "mesh", rank)["steps"]
         assert len(steps) == 6  # 2 epochs x 3 batches of this replica's shard
         assert all(step == [("all_reduce", 8), ("all_reduce", sent)] for step in steps), rank
+
+
+def test_a_mesh_checkpoint_resumes_with_one_block_group(mesh_runs):
+    """2 block groups x 2 replicas -> 1 block group x 2 replicas (the same two shards):
+    4 epochs end as 4 epochs of 1 x 2 without a stop."""
+    folder = mesh_runs / "mesh" / "ckpt" / "last.ckpt"
+    assert folder.is_dir()
+    run_job(
+        mesh_runs / "mesh_to_dp", *DATA_PARALLEL_1x2, "--epochs", "4", "--ckpt_path", str(folder)
+    )
+    run_job(mesh_runs / "dp4", *DATA_PARALLEL_1x2, "--epochs", "4")
+    resumed, straight = ckpt(mesh_runs / "mesh_to_dp"), ckpt(mesh_runs / "dp4")
+    assert equal(resumed["state_dict"], straight["state_dict"])
+    assert equal(resumed["optimizer_states"], straight["optimizer_states"])
+
+
+def test_replicas_start_from_their_owners_state_whatever_each_rank_seeded(tmp_path):
+    """No shared seed (each rank seeds 1000 + rank before building the model): the owner of
+    each block group sends its blocks to the group's replica, rank 0 the head to every rank,
+    as DDP's wrapper does, so the replicas train one model (0.5.0 trained two: block 0
+    summed to 1388.19 on one replica and 1403.77 on the other after 3 steps)."""
+    run_job(tmp_path / "mesh", *MESH_2x2, "--seed-per-rank", "--epochs", "1")
+    ranks = [load(tmp_path / "mesh", r) for r in range(4)]
+    dims = BlockDims(4, 4, replicas=2)
+    for rank, run in enumerate(ranks):
+        params = [k for k in run["parameters"] if k.startswith("blocks.")]
+        assert params and {int(k.split(".")[1]) for k in params} == set(dims.blocks_of(rank))
+        other = ranks[dims.rank_at(1 - dims.replica_of(rank), dims.group_of(rank))]
+        assert all(torch.equal(run["state_dict"][k], other["state_dict"][k]) for k in params)
+        head = [k for k in run["parameters"] if k.startswith("objective.")]
+        assert all(torch.equal(run["state_dict"][k], ranks[0]["state_dict"][k]) for k in head)
+    # The seeds did differ: the blocks each rank built on its own were not the same.
+    torch.manual_seed(1000)
+    first = NoPropModule(**TINY_FOR_JOB, num_blocks=4).blocks[0].fuse[0].weight
+    torch.manual_seed(1002)
+    assert not torch.equal(
+        first, NoPropModule(**TINY_FOR_JOB, num_blocks=4).blocks[0].fuse[0].weight
+    )
 
 
 def test_each_rank_holds_parameters_and_optimizer_state_of_its_blocks_only(mesh_runs):
