@@ -37,7 +37,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# NOPROP_PACKAGE_ROOT: measure another checkout of the package (e.g. a release) instead.
+sys.path.insert(0, os.environ.get("NOPROP_PACKAGE_ROOT") or str(Path(__file__).parents[1]))
 
 from noprop_lightning import NoPropModule  # noqa: E402
 from noprop_lightning.callbacks import ProcessPeakRSS  # noqa: E402
@@ -142,9 +143,9 @@ def main() -> None:
     train, evaluation = loaders(args)
     trainer.fit(model, train, evaluation)
     rank = trainer.global_rank
-    held = sum(p.numel() for p in model.parameters())
-    plan = getattr(trainer.strategy, "plan", None)
-    blocks = list(plan.held_blocks) if plan is not None else list(range(args.blocks))
+    parameters = sum(p.numel() for p in model.parameters())
+    held = getattr(getattr(trainer.strategy, "plan", None), "held_blocks", None)
+    blocks = list(held) if held is not None else list(range(args.blocks))
     ckpt = args.out / "stages.ckpt"
     rss.reset()
     trainer.save_checkpoint(ckpt)
@@ -165,7 +166,7 @@ def main() -> None:
         "rank": rank,
         "world_size": trainer.world_size,
         "peak_mib": {stage: round(peaks[stage], 1) for stage in STAGES if stage in peaks},
-        "held_parameters": held,
+        "held_parameters": parameters,
         "held_blocks": blocks,
         "seconds": round(time.perf_counter() - started, 1),
         "pid": os.getpid(),

@@ -155,6 +155,10 @@ def test_a_rank_builds_only_its_blocks_each_as_one_process_would():
     assert part.blocks[2] is held and isinstance(part.blocks[0], NotHeld)
     with pytest.raises(RuntimeError, match="block 0 is not held by this process"):
         part.blocks[0](torch.zeros(1), torch.zeros(1))
+    # Summaries and the HPARAMS tab count the whole model, not this rank's part of it.
+    whole_count = sum(p.numel() for p in whole.parameters())
+    assert part.parameter_counts() == whole.parameter_counts() == (whole_count, whole_count)
+    assert sum(p.numel() for p in part.parameters()) < whole_count
 
 
 def test_configure_model_frees_the_blocks_of_an_eagerly_built_model():

@@ -72,12 +72,16 @@ def describe_module(pl_module: L.LightningModule) -> ModuleDescription:
         execution_text = f"backprop ({architecture})"
     else:
         execution_text = "-"
-    params = list(pl_module.parameters())
+    # A module spread over processes counts its whole model (each process holds a part).
+    counts = getattr(pl_module, "parameter_counts", None)
+    if callable(counts):
+        total, trainable = counts()
+    else:
+        params = list(pl_module.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
     return ModuleDescription(
-        method=method,
-        execution=execution_text,
-        params=sum(p.numel() for p in params),
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        method=method, execution=execution_text, params=total, trainable_params=trainable
     )
 
 

@@ -180,6 +180,23 @@ class BlockwiseModule(NoPropBase):
             elif t not in held and built:
                 self.blocks[t] = NotHeld(t)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(all, trainable)`` parameters of the whole model, wherever its blocks are held.
+
+        Every block has the same architecture: a block this process does not hold counts as
+        one it holds (or as one built on the meta device, which allocates nothing).
+        """
+        shared = [p for name, p in self.named_parameters() if not name.startswith("blocks.")]
+        held = next((b for b in self.blocks if not isinstance(b, NotHeld)), None)
+        if held is None:
+            with torch.device("meta"):
+                held = self.make_block()
+        block = list(held.parameters())
+        total = sum(p.numel() for p in shared) + len(self.blocks) * sum(p.numel() for p in block)
+        trainable = sum(p.numel() for p in shared if p.requires_grad)
+        trainable += len(self.blocks) * sum(p.numel() for p in block if p.requires_grad)
+        return total, trainable
+
     def held_blocks(self) -> dict[int, nn.Module]:
         """The blocks this process holds, by index."""
         return {t: self.blocks[t] for t in self.plan.held_blocks}
