@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from noprop_lightning.distributed.runtime import runtime_for
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.modules.guards import (
     SHAPE_NAMES,
@@ -329,7 +330,7 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         if self._run_seed is None:
             seed = self.default_seed()
             if self._trainer is not None and self.trainer.world_size > 1:
-                seed = int(self.trainer.strategy.broadcast(seed, src=0))
+                seed = int(runtime_for(self._trainer).broadcast_object(seed, src=0))
             self._run_seed = seed
 
     def on_test_start(self) -> None:
