@@ -12,8 +12,8 @@ each measured as this process's resident-set high-water mark (``VmHWM``, reset t
   process holds, the optimizers);
 - ``training``: the training batches of one epoch;
 - ``validation``: the validation of that epoch;
-- ``checkpoint``: ``trainer.save_checkpoint`` (under ``block_parallel`` with several block
-  groups, a folder of per-block files);
+- ``checkpoint``: ``trainer.save_checkpoint`` when training ends (under ``block_parallel``
+  with several block groups, a folder of per-block files);
 - ``resume``: a new model and trainer resumed from that checkpoint, up to the start of its
   training (the first model and trainer are gone);
 - ``test``, ``predict``: ``trainer.test`` / ``trainer.predict`` of the resumed model.
@@ -48,10 +48,16 @@ STAGES = ("build", "training", "validation", "checkpoint", "resume", "test", "pr
 
 
 class StagePeaks(L.Callback):
-    """Resets the peak at each stage's start and records it at its end (MiB)."""
+    """Resets the peak at each stage's start and records it at its end (MiB).
 
-    def __init__(self, rss: ProcessPeakRSS, peaks: dict[str, float], first: str) -> None:
-        self.rss, self.peaks, self.first = rss, peaks, first
+    The first fit saves its checkpoint when training ends, as a checkpoint callback would
+    (the strategy still set up for training), timed as the ``checkpoint`` stage.
+    """
+
+    def __init__(
+        self, rss: ProcessPeakRSS, peaks: dict[str, float], first: str, ckpt: Path
+    ) -> None:
+        self.rss, self.peaks, self.first, self.ckpt = rss, peaks, first, ckpt
 
     def record(self, stage: str) -> None:
         self.peaks[stage] = max(self.peaks.get(stage, 0.0), self.rss.peak_bytes() / 2**20)
@@ -74,6 +80,12 @@ class StagePeaks(L.Callback):
         self.record("validation")
         self.rss.reset()
 
+    def on_train_end(self, trainer, pl_module):
+        if self.first == "build":
+            self.rss.reset()
+            trainer.save_checkpoint(self.ckpt)
+            self.record("checkpoint")
+
 
 def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
     """Training and evaluation loaders of ``--batch``: real MNIST or MNIST-shaped noise."""
@@ -91,6 +103,7 @@ def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
 
 
 def make(args: argparse.Namespace, peaks: dict[str, float], rss, first: str, epochs: int):
+    ckpt = args.out / "stages.ckpt"
     strategy = "auto" if args.devices == 1 else BlockParallelStrategy(replicas=args.replicas)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -106,7 +119,7 @@ def make(args: argparse.Namespace, peaks: dict[str, float], rss, first: str, epo
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[StagePeaks(rss, peaks, first)],
+        callbacks=[StagePeaks(rss, peaks, first, ckpt)],
     )
     with trainer.init_module():  # block_parallel: blocks left to configure_model
         model = NoPropModule(
@@ -147,9 +160,6 @@ def main() -> None:
     held = getattr(getattr(trainer.strategy, "plan", None), "held_blocks", None)
     blocks = list(held) if held is not None else list(range(args.blocks))
     ckpt = args.out / "stages.ckpt"
-    rss.reset()
-    trainer.save_checkpoint(ckpt)
-    peaks["checkpoint"] = rss.peak_bytes() / 2**20
     del trainer, model
     gc.collect()
     rss.reset()
