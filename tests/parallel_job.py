@@ -92,6 +92,21 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+class EarlyState(L.Callback):
+    """The block parameters this rank holds after its third training step."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3 and not self.state:
+            self.state = {
+                name: p.detach().clone()
+                for name, p in pl_module.named_parameters()
+                if name.startswith("blocks.") and p.numel()
+            }
+
+
 class MemoryProbe(L.Callback):
     """After the second training batch: the bytes of parameters and optimizer state held."""
 
@@ -135,6 +150,8 @@ def die_during_saves(args: argparse.Namespace, rank: int) -> None:
     and before the index is; ``--kill-writing-block N``: rank 1 at its N-th block file, half
     of it written.
     """
+    if args.kill_before_commit is None and args.kill_writing_block is None:
+        return
     from noprop_lightning.distributed import checkpoint as sharded
 
     if args.kill_before_commit is not None and rank == 0:
@@ -217,6 +234,7 @@ def main() -> None:
     )
     counter = CollectiveCounter()
     memory = MemoryProbe()
+    early = EarlyState()
     strategy = args.strategy
     if args.replicas > 1 and args.strategy == "block_parallel":
         strategy = BlockParallelStrategy(replicas=args.replicas)
@@ -235,7 +253,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[counter, checkpoint, memory],
+        callbacks=[counter, checkpoint, memory, early],
         accumulate_grad_batches=args.accumulate,
         gradient_clip_val=args.clip,
     )
@@ -260,6 +278,7 @@ def main() -> None:
             "memory": memory.seen,
             "train_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "fit_metrics": fit_metrics,
+            "after_3_steps": early.state,
             "probs": torch.cat([batch["probs"] for batch in predicted]),
             "parameters": [name for name, _ in model.named_parameters()],
         },
