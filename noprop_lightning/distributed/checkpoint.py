@@ -38,9 +38,7 @@ from noprop_lightning.callbacks.atomic import (
     save_error,
     save_file,
 )
-from noprop_lightning.distributed.layout import CANONICAL_ENTRIES, LAYOUT_KEY, BlockLayout
-from noprop_lightning.distributed.plan import TrainingPlan
-from noprop_lightning.distributed.runtime import Runtime
+from noprop_lightning.distributed.layout import CANONICAL_ENTRIES, LAYOUT_KEY
 from noprop_lightning.errors import CheckpointError
 
 #: The file of a checkpoint folder that makes it a checkpoint (written last).
@@ -182,55 +180,6 @@ def commit(
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
-
-
-def save_sharded(
-    checkpoint: Mapping[str, Any], target: Path, plan: TrainingPlan, runtime: Runtime
-) -> None:
-    """One sharded save, made by every rank together.
-
-    Rank 0 names the save; each block's owner writes its block files; every rank learns
-    whether all were written; rank 0 commits the index; every rank learns whether it did.
-    A failure on any rank raises on every rank (so none goes on alone), and the previous
-    checkpoint of that name stays complete.
-
-    Args:
-        checkpoint: This rank's checkpoint (its blocks, the canonical entries it owns).
-        target: The checkpoint's path (a folder).
-        plan: This rank's plan (which blocks it writes).
-        runtime: The run's collectives.
-
-    Raises:
-        CheckpointError: On every rank, when a file could not be written on any.
-    """
-    decision = (new_save_id(), target.is_file()) if runtime.rank == 0 else None
-    save_id, staged = runtime.broadcast_object(decision)
-    folder = (staging_folder(target, save_id) if staged else None) or target
-    error: CheckpointError | None = None
-    if plan.writes_shards:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_blocks(checkpoint, folder, plan.held_blocks, save_id)
-        except CheckpointError as err:
-            error = err
-        except OSError as err:
-            error = save_error(target, err)
-    if not runtime.all_true(error is None):
-        raise error or CheckpointError(
-            f"another process could not write its blocks of the checkpoint {target} (its "
-            "error says why); the previous checkpoint there is intact"
-        )
-    if runtime.rank == 0:
-        try:
-            full = BlockLayout.full(int(checkpoint[LAYOUT_KEY]["num_blocks"])).record()
-            commit(checkpoint, target, save_id, layout=full)  # every part, by its owner
-        except CheckpointError as err:
-            error = err
-    if not runtime.all_true(error is None):
-        raise error or CheckpointError(
-            f"rank 0 could not commit the checkpoint {target} (its error says why); the "
-            "previous checkpoint there is intact"
-        )
 
 
 # ---------------------------------------------------------------------------- reading

@@ -16,13 +16,20 @@ itself:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from noprop_lightning.callbacks.atomic import save_error
+from noprop_lightning.distributed import checkpoint as checkpoint_files
+from noprop_lightning.distributed.checkpoint import new_save_id, staging_folder, write_blocks
 from noprop_lightning.distributed.dims import BlockDims
+from noprop_lightning.distributed.layout import LAYOUT_KEY, BlockLayout
+from noprop_lightning.distributed.plan import TrainingPlan
+from noprop_lightning.errors import CheckpointError
 
 #: ``segment(rows, z)``: this rank's blocks applied to the micro-batch ``rows`` of state ``z``.
 Segment = Callable[[slice, torch.Tensor], torch.Tensor]
@@ -177,6 +184,52 @@ class BlockRuntime(ProcessGroupRuntime):
         """See :meth:`Runtime.share_head`: a few hundred bytes with a one-hot embedding."""
         for part in shared:
             broadcast_module(part, src=0)
+
+    def save_sharded(self, checkpoint: dict[str, Any], target: Path, plan: TrainingPlan) -> None:
+        """One sharded checkpoint save, made by every rank together.
+
+        Rank 0 names the save; each block's owner writes its block files
+        (:func:`~noprop_lightning.distributed.checkpoint.write_blocks`); every rank learns
+        whether all were written; rank 0 commits the index; every rank learns whether it
+        did. A failure on any rank raises on every rank (so none goes on alone), and the
+        previous checkpoint of that name stays complete.
+
+        Args:
+            checkpoint: This rank's checkpoint (its blocks, the canonical entries it owns).
+            target: The checkpoint's path (a folder).
+            plan: This rank's plan (which blocks it writes).
+
+        Raises:
+            CheckpointError: On every rank, when a file could not be written on any.
+        """
+        decision = (new_save_id(), target.is_file()) if self.rank == 0 else None
+        save_id, staged = self.broadcast_object(decision)
+        folder = (staging_folder(target, save_id) if staged else None) or target
+        error: CheckpointError | None = None
+        if plan.writes_shards:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_blocks(checkpoint, folder, plan.held_blocks, save_id)
+            except CheckpointError as err:
+                error = err
+            except OSError as err:
+                error = save_error(target, err)
+        if not self.all_true(error is None):
+            raise error or CheckpointError(
+                f"another process could not write its blocks of the checkpoint {target} (its "
+                "error says why); the previous checkpoint there is intact"
+            )
+        if self.rank == 0:
+            try:
+                full = BlockLayout.full(int(checkpoint[LAYOUT_KEY]["num_blocks"])).record()
+                checkpoint_files.commit(checkpoint, target, save_id, layout=full)
+            except CheckpointError as err:
+                error = err
+        if not self.all_true(error is None):
+            raise error or CheckpointError(
+                f"rank 0 could not commit the checkpoint {target} (its error says why); the "
+                "previous checkpoint there is intact"
+            )
 
     def pipeline(self, z0: torch.Tensor, segment: Segment, chunks: Sequence[slice]) -> torch.Tensor:
         """The inference chain as a pipeline across the block groups of this replica.

@@ -57,7 +57,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from noprop_lightning.distributed.checkpoint import read_checkpoint, save_sharded
+from noprop_lightning.distributed.checkpoint import read_checkpoint
 from noprop_lightning.distributed.dims import BlockDims
 from noprop_lightning.distributed.layout import LAYOUT_KEY
 from noprop_lightning.distributed.plan import TrainingPlan
@@ -270,8 +270,8 @@ class BlockParallelStrategy(DDPStrategy):
     ) -> None:
         """One file from rank 0 with one block group; else each owner writes its blocks.
 
-        (:func:`~noprop_lightning.distributed.checkpoint.save_sharded`: a failure on any rank
-        raises on every rank, and the previous checkpoint stays complete.)
+        (:meth:`~noprop_lightning.distributed.runtime.BlockRuntime.save_sharded`: a failure on
+        any rank raises on every rank, and the previous checkpoint stays complete.)
         """
         plan = self.plan
         if plan is None or not plan.sharded_checkpoints or LAYOUT_KEY not in checkpoint:
@@ -283,7 +283,8 @@ class BlockParallelStrategy(DDPStrategy):
                 f"file system every rank sees; {filepath} is remote: save to a local or shared "
                 "folder"
             )
-        save_sharded(checkpoint, Path(filepath), self.plan, self.runtime)
+        assert isinstance(self.runtime, BlockRuntime)  # several block groups: several ranks
+        self.runtime.save_sharded(checkpoint, Path(filepath), plan)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
         """Read the blocks this rank holds (and the rest of the state) from any checkpoint.
