@@ -24,6 +24,12 @@ saved. A repeated SIGTERM is ignored (a launcher forwarding the signal to a rank
 it already). A signal that arrives during validation takes effect at the next training
 batch, or at the end of training (one last agreement in ``on_train_end``).
 
+A stop at once is one rank's decision (pending signals of one kind coalesce: two Ctrl-C sent
+to the process group can reach one rank twice and another once), yet the whole run's
+outcome: the rank tells the others as it exits, and they exit with its status instead of
+reporting a lost process (:mod:`noprop_lightning.cli.exits`). Once a process stops at once,
+further signals change nothing.
+
 Lightning's own SIGTERM handler (replaced during ``fit`` and put back after) broadcasts
 from inside the handler and lets each rank stop on its own flag: the deadlocks above.
 """
@@ -67,6 +73,8 @@ class StopSignals:
     def __init__(self) -> None:
         self.pending: signal.Signals | None = None
         self.agreed: signal.Signals | None = None
+        #: The signal of a stop at once, this rank's or another rank's: the run's outcome.
+        self.at_once: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
         self._trainer: L.Trainer | None = None
         self._at_once = False
@@ -91,6 +99,7 @@ class StopSignals:
         self._at_once = at_once
         # Lightning's launcher (rank 0 of `--trainer.devices N`) started the other local ranks.
         self._local_ranks = list(getattr(trainer.strategy.launcher, "procs", None) or [])
+        _spare_deliberate_stops(self._local_ranks)
         for signum in CODES:
             current = signal.getsignal(signum)
             if current == self._on_signal:
@@ -111,19 +120,21 @@ class StopSignals:
         """Forget the signals of an earlier fit (called when a fit starts)."""
         self.pending = None
         self.agreed = None
+        self.at_once = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         received = signal.Signals(signum)
+        if self.at_once is not None:
+            return  # stopping at once already: the outcome is decided
         if self._at_once:
-            self.pending = self.agreed = received
-            self.restore()
+            self.pending = self.agreed = self.at_once = received
             raise StoppedAtOnce(received)
         if self.pending is None:
             self.pending = received
             _say(self._trainer, _first_message(received))
         elif received == signal.SIGINT and self.pending == signal.SIGINT:
             _say(self._trainer, "second Ctrl-C: stopping at once, without saving")
-            self.restore()
+            self.at_once = signal.SIGINT
             raise StoppedAtOnce
         elif CODES[received] > CODES[self.pending]:
             self.pending = received  # SIGTERM after Ctrl-C: exit as terminated
@@ -177,6 +188,10 @@ class StopSignals:
         if self.agreed is not None:
             raise SIGTERMException
 
+    def running_local_ranks(self) -> list[subprocess.Popen]:
+        """The processes this one started (as Lightning's launcher) that still run."""
+        return [proc for proc in self._local_ranks if proc.poll() is None]
+
     def wait_for_local_ranks(self, timeout: float = 60.0) -> list[str]:
         """Before the launching process exits: wait for the ranks it started.
 
@@ -201,16 +216,46 @@ class StopSignals:
 
     def exit_status(self) -> int:
         """The exit status of a stop: 130 after Ctrl-C, else 143."""
-        return EXIT_STATUS[self.agreed or self.pending or signal.SIGTERM]
+        return EXIT_STATUS[self.at_once or self.agreed or self.pending or signal.SIGTERM]
 
     def signal_name(self) -> str:
         """How the stop is named in messages (``Ctrl-C (SIGINT)`` or ``SIGTERM``)."""
-        return signal_label(self.agreed or self.pending or signal.SIGTERM)
+        return signal_label(self.at_once or self.agreed or self.pending or signal.SIGTERM)
 
 
 def signal_label(received: signal.Signals) -> str:
     """``Ctrl-C (SIGINT)`` or ``SIGTERM``, as messages name a stop."""
     return "Ctrl-C (SIGINT)" if received == signal.SIGINT else "SIGTERM"
+
+
+def _spare_deliberate_stops(children: list[subprocess.Popen]) -> None:
+    """Keep Lightning's child-process observer from killing the run for a stop at once.
+
+    Rank 0 of ``--trainer.devices N`` runs a thread (Lightning's private
+    ``_ChildProcessObserver``, named ``child-process-observer``) that SIGKILLs every process,
+    itself included, once a rank it started has exited with a non-zero status. A rank that
+    stopped at once exits with 130 or 143 on purpose, and rank 0 then ends with that status
+    too (:mod:`noprop_lightning.cli.exits`): from then on the observer stops looking. Other
+    statuses are handled as before. No public hook exists: the thread's ``_run`` (one look)
+    is wrapped.
+    """
+    if not children:
+        return
+    stopped = set(EXIT_STATUS.values())
+    for thread in threading.enumerate():
+        look = getattr(thread, "_run", None)
+        if thread.name != "child-process-observer" or look is None:
+            continue
+        if getattr(look, "spares_deliberate_stops", False):
+            continue
+
+        def spare(look: Callable[[], bool] = look) -> bool:
+            if any(proc.poll() in stopped for proc in children):
+                return True  # ends the observer, without killing anything
+            return look()
+
+        spare.spares_deliberate_stops = True  # type: ignore[attr-defined]
+        thread._run = spare
 
 
 def _quiet_process_observer() -> None:

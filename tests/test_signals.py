@@ -4,11 +4,14 @@ Each case starts ``python cli.py fit`` with ``--trainer.devices 2`` (Lightning's
 rank 0 and starts rank 1), waits until both ranks have trained a few batches, signals one
 rank, the launcher or the whole process group the way an operator or a scheduler would,
 and requires every process to be gone within seconds with the right exit status. Every
-wait has a deadline, so a regression fails the test instead of blocking the run.
+wait has a deadline, so a regression fails the test instead of blocking the run. Some cases
+run beside a bounded CPU load (:func:`tests.load.cpu_load`): signals sent to a process
+group reach the ranks unevenly on a busy machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +23,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+
+from tests.load import cpu_load
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +62,29 @@ class SlowEvaluation(L.Callback):
         time.sleep(0.2)
 
 
+class HoldFirstValidation(L.Callback):
+    """At its first validation batch: writes ``holding<r>`` (its pid), waits while ``hold`` exists.
+
+    A test can so signal both ranks while neither can reach a training batch, where a
+    pending stop would be agreed. The wait ends after 120 s whatever happens.
+    """
+
+    def __init__(self, folder: str, hold: str) -> None:
+        self.folder = Path(folder)
+        self.hold = Path(hold)
+        self.held = False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_) -> None:
+        if self.held:
+            return
+        self.held = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"holding{trainer.global_rank}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while self.hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # a signal interrupts the sleep: its handler runs at once
+
+
 def fit_args(strategy: str, progress: Path, *extra: str) -> list[str]:
     callback = {"class_path": "tests.test_signals.RankProgress",
                 "init_args": {"folder": str(progress)}}  # fmt: skip
@@ -72,16 +100,36 @@ def fit_args(strategy: str, progress: Path, *extra: str) -> list[str]:
     return args
 
 
-def start(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+def start(tmp_path: Path, args: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start the CLI in its own process group; every rank's stderr goes to a pipe, or to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: os.killpg reaches both ranks
-    )
+    stderr = open(log, "wb") if log is not None else subprocess.PIPE
+    try:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # its own process group: os.killpg reaches both ranks
+        )
+    finally:
+        if log is not None:
+            stderr.close()
+
+
+@pytest.fixture
+def loaded_machine():
+    """Three busy loops at ``nice 10`` beside the test, ended with it (at most 600 s each)."""
+    with cpu_load(processes=3, nice=10) as procs:
+        yield procs
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of the run that is left (the group may be gone already)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def alive(pid: int) -> bool:
@@ -114,11 +162,28 @@ def wait_for_batches(proc: subprocess.Popen, progress: Path, batches: int) -> di
         time.sleep(0.05)
 
 
-def finish(proc: subprocess.Popen, pids: list[int]) -> tuple[int, str, float]:
-    """Exit status of rank 0, its stderr, and the seconds until every rank was gone."""
+def wait_for_text(
+    proc: subprocess.Popen, log: Path, texts: list[str], seconds: float = 30.0
+) -> None:
+    """Wait until the ranks' stderr in ``log`` holds every one of ``texts`` (or fail)."""
+    deadline = time.monotonic() + seconds
+    while not all(text in log.read_text(errors="replace") for text in texts):
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            pytest.fail(f"not seen within {seconds:.0f} s: {texts}\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def finish(
+    proc: subprocess.Popen, pids: list[int], log: Path | None = None
+) -> tuple[int, str, float]:
+    """Exit status of rank 0, every rank's stderr, and the seconds until every rank was gone."""
     sent = time.monotonic()
     try:
-        stderr = proc.communicate(timeout=GONE_WITHIN)[1].decode()
+        if log is None:
+            stderr = proc.communicate(timeout=GONE_WITHIN)[1].decode()
+        else:
+            proc.wait(timeout=GONE_WITHIN)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -130,6 +195,8 @@ def finish(proc: subprocess.Popen, pids: list[int]) -> tuple[int, str, float]:
                     os.kill(pid, signal.SIGKILL)
             pytest.fail(f"a rank was still running {GONE_WITHIN:.0f} s after the signal")
         time.sleep(0.05)
+    if log is not None:
+        stderr = log.read_text(errors="replace")
     return proc.returncode, stderr, time.monotonic() - sent
 
 
@@ -181,17 +248,70 @@ def test_a_signal_to_any_rank_stops_every_rank_at_one_batch_and_saves_once(
     assert stderr.count("Saved the training state reached") == 1
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, loaded_machine):
+    """Two Ctrl-C to the group at once, on a busy machine: each rank sees one or two of them.
+
+    Whichever: one outcome (at once, or at the batch end where the two coalesced), 130.
+    """
     progress = tmp_path / "progress"
     proc = start(tmp_path, fit_args("block_parallel", progress))
     ranks = wait_for_batches(proc, progress, 3)
     pids = [ranks[0]["pid"], ranks[1]["pid"]]
-    # Hold the stop in validation (no training batch to agree at) by signalling twice at once.
     os.killpg(proc.pid, signal.SIGINT)
     os.killpg(proc.pid, signal.SIGINT)
     returncode, stderr, _ = finish(proc, pids)
     assert returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "lost contact" not in stderr, stderr[-3000:]
+    assert "warning: rank" not in stderr, stderr[-3000:]
+    outcomes = ("stopped at once by Ctrl-C (SIGINT)", "stopped by Ctrl-C (SIGINT) before the end")
+    assert sum(stderr.count(outcome) for outcome in outcomes) == 1, stderr[-3000:]
+
+
+UNEVEN_CASES = [("block_parallel", 0), ("block_parallel", 1), ("ddp", 1)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "twice"),
+    UNEVEN_CASES,
+    ids=[f"{s}-second-to-rank{r}" for s, r in UNEVEN_CASES],
+)
+def test_a_second_ctrl_c_that_reaches_one_rank_only_stops_every_rank_at_once(
+    tmp_path, strategy, twice, loaded_machine
+):
+    """Ctrl-C to the group, then a second one to one rank: one outcome, 130, no lost contact.
+
+    What a double Ctrl-C on a busy machine does when the second signal reaches one rank
+    only, made deterministic: both ranks are held in their first validation (no training
+    batch, so the first Ctrl-C stays pending) until both have reported it and the one rank
+    has acted on the second.
+    """
+    progress, hold, log = tmp_path / "progress", tmp_path / "hold", tmp_path / "stderr.log"
+    hold.touch()
+    callback = {"class_path": "tests.test_signals.HoldFirstValidation",
+                "init_args": {"folder": str(progress), "hold": str(hold)}}  # fmt: skip
+    extra = ["--trainer.limit_train_batches", "4", "--trainer.callbacks+", json.dumps(callback)]
+    proc = start(tmp_path, fit_args(strategy, progress, *extra), log=log)
+    deadline = time.monotonic() + 120
+    while not all((progress / f"holding{r}").exists() for r in (0, 1)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_group(proc)
+            pytest.fail(f"the ranks did not reach validation: {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    pids = [int((progress / f"holding{r}").read_text()) for r in (0, 1)]
+    assert pids[0] == proc.pid
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for_text(proc, log, [f"[rank {r}] Ctrl-C: stopping at the end" for r in (0, 1)])
+    os.kill(pids[twice], signal.SIGINT)
+    wait_for_text(proc, log, [f"[rank {twice}] second Ctrl-C: stopping at once"])
+    hold.unlink()  # the other rank goes on, and meets the rank that is gone
+    returncode, stderr, seconds = finish(proc, pids, log)
+    assert returncode == 130, stderr[-3000:]
+    assert "lost contact" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert "warning: rank" not in stderr and "error:" not in stderr, stderr[-3000:]
+    assert "before the end of training" not in stderr, stderr[-3000:]
+    outcome = "stopped at once by Ctrl-C (SIGINT), nothing saved (exit status 130)"
+    assert stderr.count(outcome) == 1, stderr[-3000:]
+    assert seconds < GONE_WITHIN
 
 
 def test_kill_9_of_one_rank_ends_the_survivor_with_one_error_line(tmp_path):
