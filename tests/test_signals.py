@@ -22,8 +22,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
+from noprop_lightning.distributed import read_checkpoint
 from tests.load import cpu_load
 
 pytestmark = pytest.mark.slow
@@ -201,8 +201,9 @@ def finish(
 
 
 def last_checkpoint(tmp_path: Path) -> dict:
+    """``last.ckpt`` as one dictionary: a file, or block_parallel's checkpoint folder."""
     path = tmp_path / "lightning_logs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
-    return torch.load(path, weights_only=True)
+    return read_checkpoint(path)
 
 
 # ---------------------------------------------------------------------- signals
