@@ -188,9 +188,17 @@ def test_the_initial_weights_do_not_depend_on_the_construction_path_or_the_layou
     assert not torch.equal(eager["blocks.0.fuse.0.weight"], eager["blocks.1.fuse.0.weight"])
 
 
-def test_block_parallel_init_module_leaves_the_blocks_to_configure_model(tmp_path):
+def test_block_parallel_init_module_leaves_the_blocks_to_configure_model(
+    tmp_path, single_process_ddp
+):
     trainer = L.Trainer(
-        strategy="block_parallel", accelerator="cpu", devices=1, logger=False, max_epochs=1
+        strategy="block_parallel",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        max_epochs=1,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     with trainer.init_module():
         model = NoPropModule(**TINY, num_blocks=2)

@@ -28,6 +28,7 @@ from jsonargparse import Namespace
 
 from noprop_lightning.cli.folders import place_run, starting_checkpoint
 from noprop_lightning.distributed import elastic, read_checkpoint
+from noprop_lightning.distributed.checkpoint import checkpoint_exists
 from noprop_lightning.errors import ConfigurationError
 from tests.test_resume import differences
 
@@ -90,7 +91,7 @@ def torchrun(args: list[str], cwd: Path, kill_rank: int | None, timeout: float =
         try:
             if kill_rank is not None:
                 last = cwd / "lightning_logs" / "quickstart" / "version_0" / "checkpoints"
-                while not (last / "last.ckpt").is_file():
+                while not checkpoint_exists(last / "last.ckpt"):  # a file, or a folder
                     if proc.poll() is not None or time.monotonic() > deadline:
                         pytest.fail(f"no checkpoint before the kill:\n{log.read_text()[-3000:]}")
                     time.sleep(0.01)
