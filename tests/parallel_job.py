@@ -267,6 +267,10 @@ def main() -> None:
     (result,) = trainer.test(model, DataLoader(data(32, 2), batch_size=8), verbose=False)
     # Batches of 48: 3 micro-batches of 16 in flight across the block groups.
     predicted = trainer.predict(model, DataLoader(data(96, 2), batch_size=48))
+    # The paper's noisy chain too: every rank draws the whole chain's noise, in order.
+    inference, model.inference = model.inference, "stochastic"
+    noisy = trainer.predict(model, DataLoader(data(96, 2), batch_size=48))
+    model.inference = inference
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -280,6 +284,7 @@ def main() -> None:
             "fit_metrics": fit_metrics,
             "after_3_steps": early.state,
             "probs": torch.cat([batch["probs"] for batch in predicted]),
+            "noisy_probs": torch.cat([batch["probs"] for batch in noisy]),
             "parameters": [name for name, _ in model.named_parameters()],
         },
         args.out / f"rank{trainer.global_rank}.pt",

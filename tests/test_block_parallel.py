@@ -126,21 +126,15 @@ def test_block_parallel_matches_one_process_bit_for_bit(runs):
     assert len(bp_ckpt["optimizer_states"]) == 4
 
 
-def test_stochastic_inference_through_the_pipeline_matches_one_process(runs, tmp_path):
+def test_stochastic_inference_through_the_pipeline_matches_one_process(runs):
     """With the paper's noisy chain, every rank draws the chain's noise from the stage's
-    stream in one process's order and uses the steps of its blocks: validation losses and
-    predicted probabilities equal one process's bit for bit."""
-    run_job(tmp_path / "single", "--inference", "stochastic")
-    run_job(tmp_path / "bp", "--inference", "stochastic", *BLOCK_PARALLEL)
-    single = load(tmp_path / "single")
+    stream in one process's order and uses the steps of its blocks: the predicted
+    probabilities (3 micro-batches a batch) equal one process's bit for bit."""
+    single = load(runs / "single")
     for rank in (0, 1):
-        bp = load(tmp_path / "bp", rank)
-        assert equal(val_metrics(bp), val_metrics(single)), rank
-        assert equal(bp["probs"], single["probs"]), rank
-    # The same weights as the deterministic runs (inference draws from its own stream), and
-    # the noise is real: the probabilities differ from the noise-free chain's.
-    assert equal(single["state_dict"], load(runs / "single")["state_dict"])
-    assert not torch.equal(single["probs"], load(runs / "single")["probs"])
+        assert equal(load(runs / "bp", rank)["noisy_probs"], single["noisy_probs"]), rank
+    # The noise is real: the probabilities differ from the noise-free chain's.
+    assert not torch.equal(single["noisy_probs"], single["probs"])
 
 
 def test_training_steps_communicate_nothing_of_the_blocks(runs):
