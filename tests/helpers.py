@@ -28,6 +28,17 @@ def tiny_loader(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(*tiny_batch(n, seed)), batch_size=batch_size)
 
 
+def equal(a, b) -> bool:
+    """Exact equality of nested checkpoint structures (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def tiny_trainer(tmp_path=None, **kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",

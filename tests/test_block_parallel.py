@@ -34,7 +34,7 @@ from noprop_lightning.distributed.checkpoint import block_of_key
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.merge import main as merge_main
 from noprop_lightning.merge import merge_checkpoints
-from tests.helpers import TINY
+from tests.helpers import TINY, equal
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,8 @@ TINY_FOR_JOB = {"num_classes": 4, "in_channels": 1, "image_size": 8}
 TINY_FOR_JOB["network"] = {"channels": (4, 4, 4), "hidden": 16}
 
 
-def run_job(out: Path, *args: str) -> None:
+def run_job(out: Path, *args: str, killed: bool = False) -> None:
+    """Run tests/parallel_job.py; it must succeed (or, ``killed``, be killed in a save)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
         [sys.executable, str(JOB), str(out), *args],
@@ -56,22 +57,14 @@ def run_job(out: Path, *args: str) -> None:
         env=env,
         cwd=out.parent,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    if killed:
+        assert result.returncode != 0, "the job was to be killed during a save"
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
 
 
 def load(out: Path, rank: int = 0) -> dict:
     return torch.load(out / f"rank{rank}.pt", weights_only=False)
-
-
-def equal(a, b) -> bool:
-    """Exact equality of nested checkpoint structures (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def ckpt(out: Path) -> dict:
@@ -246,20 +239,6 @@ def test_a_checkpoint_folder_resumes_on_another_number_of_block_groups(runs):
     assert equal(ckpt(runs / "bp_to_3")["optimizer_states"], straight["optimizer_states"])
 
 
-def run_killed(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(JOB), str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=out.parent,
-    )
-    assert result.returncode != 0, "the job was to be killed during a save"
-    return result
-
-
 @pytest.fixture(scope="module")
 def saved_at_step_6(tmp_path_factory) -> dict:
     """An uninterrupted 2-rank run saving last.ckpt every 3 steps, stopped after step 6."""
@@ -282,7 +261,7 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_complete(
     uninterrupted run saved there; a fit resumes from it (into the same folder), and its
     first save removes what the killed one left."""
     out = tmp_path / "run"
-    run_killed(out, *BLOCK_PARALLEL, "--every-n-steps", "3", *kill)
+    run_job(out, *BLOCK_PARALLEL, "--every-n-steps", "3", *kill, killed=True)
     folder = out / "ckpt" / "last.ckpt"
     leftovers = [p.name for p in folder.iterdir() if p.name != "checkpoint.pt"]
     assert len(leftovers) > 3, leftovers  # the killed save's files lie beside the second's

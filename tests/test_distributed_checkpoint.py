@@ -28,19 +28,9 @@ from noprop_lightning.distributed.checkpoint import (
 from noprop_lightning.errors import CheckpointError
 from noprop_lightning.export import export_program
 from noprop_lightning.merge import merge_checkpoints
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from tests.helpers import TINY, equal, tiny_batch, tiny_loader, tiny_trainer
 
 T = 3
-
-
-def equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 def trained(tmp_path: Path, epochs: int = 1, ckpt_path=None, **model) -> tuple[Path, dict]:
