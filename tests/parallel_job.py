@@ -153,9 +153,10 @@ def die_during_saves(args: argparse.Namespace, rank: int) -> None:
     if args.kill_before_commit is None and args.kill_writing_block is None:
         return
     from noprop_lightning.distributed import checkpoint as sharded
+    from noprop_lightning.distributed import runtime
 
     if args.kill_before_commit is not None and rank == 0:
-        commit, saves = sharded.commit, []
+        commit, saves = runtime.commit, []
 
         def dying_commit(*a, **k):
             saves.append(1)
@@ -163,7 +164,7 @@ def die_during_saves(args: argparse.Namespace, rank: int) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return commit(*a, **k)
 
-        sharded.commit = dying_commit
+        runtime.commit = dying_commit  # where BlockRuntime.save_sharded finds it
     if args.kill_writing_block is not None and rank == 1:
         save_file, files = sharded.save_file, []
 

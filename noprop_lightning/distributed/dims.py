@@ -65,14 +65,7 @@ class BlockDims:
 
     def __post_init__(self) -> None:
         check_int("num_blocks (T)", self.num_blocks)
-        check_int("world size (devices x num_nodes)", self.world_size)
-        check_int("replicas", self.replicas)
-        if self.world_size % self.replicas:
-            raise ConfigurationError(
-                f"strategy 'block_parallel' with replicas={self.replicas} needs a number of "
-                f"processes divisible by {self.replicas}, got {self.world_size} "
-                "(devices x num_nodes)"
-            )
+        self.check_world(self.world_size, self.replicas)
         groups = self.world_size // self.replicas
         if groups > self.num_blocks:
             over = f"{groups} processes" if self.replicas == 1 else f"{groups} block groups"
@@ -82,6 +75,21 @@ class BlockDims:
                 f"processes / {self.replicas} replicas): use at most "
                 f"{self.num_blocks * self.replicas} processes, more replicas, or more blocks "
                 "(--model.init_args.num_blocks)"
+            )
+
+    @staticmethod
+    def check_world(world_size: int, replicas: int) -> None:
+        """Refuse a world that ``replicas`` does not divide (checkable before the model is).
+
+        Raises:
+            ConfigurationError: For a non-positive count, or an indivisible world.
+        """
+        check_int("world size (devices x num_nodes)", world_size)
+        check_int("replicas", replicas)
+        if world_size % replicas:
+            raise ConfigurationError(
+                f"strategy 'block_parallel' with replicas={replicas} needs a number of "
+                f"processes divisible by {replicas}, got {world_size} (devices x num_nodes)"
             )
 
     # ------------------------------------------------------------------ degrees

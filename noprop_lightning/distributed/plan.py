@@ -114,7 +114,8 @@ class TrainingPlan:
     @property
     def writes_shards(self) -> bool:
         """Whether this process writes its blocks' checkpoint shards (replica 0 of a group)."""
-        return self.sharded_checkpoints and self.replica == 0
+        dims = self.dims  # set whenever checkpoints are sharded (several block groups)
+        return self.sharded_checkpoints and dims is not None and dims.is_reference(self.rank)
 
     @property
     def loss_scale(self) -> int:

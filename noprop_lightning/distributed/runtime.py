@@ -24,8 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from noprop_lightning.callbacks.atomic import save_error
-from noprop_lightning.distributed import checkpoint as checkpoint_files
-from noprop_lightning.distributed.checkpoint import new_save_id, staging_folder, write_blocks
+from noprop_lightning.distributed.checkpoint import (
+    commit,
+    new_save_id,
+    staging_folder,
+    write_blocks,
+)
 from noprop_lightning.distributed.dims import BlockDims
 from noprop_lightning.distributed.layout import LAYOUT_KEY, BlockLayout
 from noprop_lightning.distributed.plan import TrainingPlan
@@ -174,7 +178,7 @@ class BlockRuntime(ProcessGroupRuntime):
         equal only if every rank had seeded the same (two models silently trained as one).
         """
         if self.dims.replicas > 1:
-            owner = self.dims.rank_at(0, self.group)
+            owner = self.dims.replica_ranks(self.group)[0]  # replica 0: the reference
             for t in sorted(blocks):
                 broadcast_module(blocks[t], src=owner, group=self.replica_group)
         for part in shared:
@@ -222,7 +226,7 @@ class BlockRuntime(ProcessGroupRuntime):
         if self.rank == 0:
             try:
                 full = BlockLayout.full(int(checkpoint[LAYOUT_KEY]["num_blocks"])).record()
-                checkpoint_files.commit(checkpoint, target, save_id, layout=full)
+                commit(checkpoint, target, save_id, layout=full)
             except CheckpointError as err:
                 error = err
         if not self.all_true(error is None):
@@ -243,8 +247,9 @@ class BlockRuntime(ProcessGroupRuntime):
         k = self.dims.block_groups
         if k == 1:
             return super().pipeline(z0, segment, chunks)
-        previous = self.dims.rank_at(self.replica, self.group - 1) if self.group else None
-        following = self.dims.rank_at(self.replica, self.group + 1) if self.group < k - 1 else None
+        ranks = self.dims.pipeline_ranks(self.replica)
+        previous = ranks[self.group - 1] if self.group else None
+        following = ranks[self.group + 1] if self.group < k - 1 else None
         finished, sending = [], []
         for rows in chunks:
             if previous is None:
@@ -259,9 +264,8 @@ class BlockRuntime(ProcessGroupRuntime):
                 finished.append(z)
         for work, _ in sending:
             work.wait()
-        last = self.dims.rank_at(self.replica, k - 1)
         z_final = torch.cat(finished) if following is None else torch.empty_like(z0)
-        dist.broadcast(z_final, src=last, group=self.pipeline_group)
+        dist.broadcast(z_final, src=ranks[-1], group=self.pipeline_group)
         return z_final
 
 

@@ -169,8 +169,7 @@ class BlockParallelStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         """Start the process group and the ``replica x block_group`` mesh; plan this stage."""
-        if self.world_size % self.replicas:
-            BlockDims(max(self.world_size, 1), self.world_size, self.replicas)  # raises
+        BlockDims.check_world(self.world_size, self.replicas)  # before any process group
         super().setup_environment()
         self.plan, self.dims = None, None
         module = self.lightning_module
