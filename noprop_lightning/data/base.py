@@ -220,9 +220,11 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         """
         if self.train_dataset is None:
             self.setup("fit")
-        sampler = training_sampler(self.train_dataset, self.trainer, self._resume_order)
+        sampler = training_sampler(
+            self.train_dataset, self.trainer, self._resume_order, batch_size=self.batch_size
+        )
         self._resume_order, self._sampler = None, sampler
-        drop = drop_single_sample_batch(len(sampler), self.batch_size)
+        drop = drop_single_sample_batch(sampler.num_samples, self.batch_size)
         loader = functools.partial(TrainingLoader, seed=sampler.seed)
         return self._loader(self.train_dataset, sampler, drop, loader=loader)
 
