@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,43 @@ def save_error(target: Path, err: OSError) -> CheckpointError:
         f"{problem}. {kept} (the partial file was removed). {fix}, then resume with "
         f"--ckpt_path pointing at the newest checkpoint that exists."
     )
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Write ``target`` whole or not at all, through ``write(partial_path)``.
+
+    For files other than checkpoints (predictions): ``write`` fills a temporary file beside
+    ``target`` (``.<name>.<random>.partial``, left behind only by a kill, and removed by the
+    next write of the same ``target``), which is flushed to disk and renamed over
+    ``target``. When anything fails the temporary file is removed and ``target`` is
+    untouched (a file that existed keeps its content). The new file gets the permissions
+    of the process's umask, as a plain ``open`` would give it.
+
+    Args:
+        target: The file to write.
+        write: Writes the whole content to the path it is given.
+
+    Raises:
+        OSError: What the write, flush or rename raised (the caller words the message).
+    """
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*{PARTIAL_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+    handle, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent
+    )
+    partial = Path(tmp)
+    try:
+        os.close(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        partial.chmod(0o666 & ~umask)  # mkstemp makes it private
+        write(partial)
+        descriptor = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

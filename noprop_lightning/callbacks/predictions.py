@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from noprop_lightning.callbacks.atomic import write_atomically
 from noprop_lightning.errors import ConfigurationError
 
 FileFormat = Literal["csv", "json", "pt"]
@@ -108,6 +110,10 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         """Gather the epoch's predictions (first dataloader) and write them.
 
+        The file is written whole or not at all: into a temporary file beside it, renamed
+        over it once complete (:func:`~noprop_lightning.callbacks.atomic.write_atomically`),
+        so a full disk never leaves a truncated file and keeps an earlier one intact.
+
         Raises:
             ConfigurationError: If the file cannot be written (folder gone, permissions,
                 full disk).
@@ -131,12 +137,18 @@ class PredictionWriter(BasePredictionWriter):
         order = torch.argsort(columns["index"])
         columns = {name: values[order] for name, values in columns.items()}
         path = self.path_for(trainer)
+        existed = path.exists()
+        write = WRITERS[self.file_format]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            WRITERS[self.file_format](path, columns)
+            write_atomically(path, lambda partial: write(partial, columns))
         except OSError as err:
+            kept = (
+                f"the previous {path.name} is intact" if existed else f"no {path.name} was written"
+            )
             raise ConfigurationError(
-                f"cannot write the predictions to {path}: {err.strerror or err}"
+                f"cannot write the predictions to {path}: {err.strerror or err} ({kept}, and no "
+                "partial file is left); free some space or choose another output_path"
             ) from err
         self.written = path
 
@@ -234,7 +246,10 @@ def _write_json(path: Path, columns: dict[str, torch.Tensor]) -> None:
 
 
 def _write_pt(path: Path, columns: dict[str, torch.Tensor]) -> None:
-    torch.save(columns, path)
+    # Through memory: torch.save reports a failed write (a full disk) as a bare RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(columns, buffer)
+    path.write_bytes(buffer.getvalue())
 
 
 WRITERS = {"csv": _write_csv, "json": _write_json, "pt": _write_pt}

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.nets.encoders import resolve_encoder
 from noprop_lightning.settings import Settings, check_choice, check_int, check_number
 
 HeadInit = Literal["embedding", "default"]
@@ -18,7 +19,8 @@ class NetworkSettings(Settings):
     Attributes:
         encoder: ``"conv"`` (the paper's), ``"mlp"``, or the import path of a class or
             factory ``(in_channels, image_size, out_features) -> nn.Module`` (for example
-            ``"my_pkg.MyEncoder"``; from Python also the class itself).
+            ``"my_pkg.MyEncoder"``; from Python also the class itself). A name read from a
+            checkpoint is imported only if trusted.
         channels: Widths of the conv encoder's three layers (paper: 32, 64, 128).
         hidden: Feature width of the block (paper: 256).
         dropout: Dropout probability of the encoder, in ``[0, 1)``.
@@ -34,6 +36,9 @@ class NetworkSettings(Settings):
             raise ConfigurationError(
                 f"network.encoder must be 'conv', 'mlp' or an import path, got {self.encoder!r}"
             )
+        # Before any block is built: a name is imported (unless read from an untrusted
+        # checkpoint) and checked to be an encoder, not any callable such as os.system.
+        resolve_encoder(self.encoder)
         channels = tuple(self.channels)
         if len(channels) != 3:
             raise ConfigurationError(
