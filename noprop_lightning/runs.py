@@ -17,8 +17,12 @@ from tensorboard.summary.writer.record_writer import masked_crc32c
 from noprop_lightning.errors import NoPropUserError
 from noprop_lightning.metric_names import (
     REPORTED_PEAKS,
+    TEST_ACC,
     TRAIN_EPOCH_TIME,
+    TRAIN_LOSS,
+    TRAIN_LOSS_EPOCH,
     TRAIN_THROUGHPUT,
+    VAL_ACC,
     VAL_EPOCH_TIME,
     peak_memory,
 )
@@ -45,6 +49,8 @@ class Run:
         hparams: Hyper-parameters from the HPARAMS summaries (empty if there are none).
         label: Name of the run in tables and legends (set by :func:`load_runs`).
         incomplete: Why the event files end early (``None``: they are intact).
+        latest: ``tag -> value`` logged last in time, whatever its step (a ``test`` of the
+            run's checkpoint logs at step 0, after the test that followed the fit).
     """
 
     path: Path
@@ -52,15 +58,20 @@ class Run:
     hparams: dict[str, Any] = field(default_factory=dict)
     label: str = ""
     incomplete: str | None = None
+    latest: dict[str, float] = field(default_factory=dict)
 
     def values(self, tag: str) -> list[float]:
         """The values of ``tag`` in step order (empty if the tag was never logged)."""
         return [v for _, v in self.scalars.get(tag, [])]
 
     def last(self, tag: str) -> float | None:
-        """The last value of ``tag``, or ``None``."""
+        """The last value of ``tag`` (by step), or ``None``."""
         values = self.values(tag)
         return values[-1] if values else None
+
+    def newest(self, tag: str) -> float | None:
+        """The value of ``tag`` logged last in time (see :attr:`latest`), or ``None``."""
+        return self.latest.get(tag, self.last(tag))
 
     def by_epoch(self, tag: str) -> tuple[list[float], list[float]]:
         """``(epochs, values)`` of ``tag``; epochs count from 1 (the end of epoch 1 is 1).
@@ -78,7 +89,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         """The numbers of the comparison table (missing values are ``None``)."""
-        val_acc = self.values("val/acc")
+        val_acc = self.values(VAL_ACC)
         times = self.values(TRAIN_EPOCH_TIME)
         rates = dict(self.scalars.get(TRAIN_THROUGHPUT, []))
         timed = [(t, rates[s]) for s, t in self.scalars.get(TRAIN_EPOCH_TIME, []) if s in rates]
@@ -94,7 +105,7 @@ class Run:
             "epochs": epochs,
             "best_val_acc": max(val_acc) if val_acc else None,
             "final_val_acc": val_acc[-1] if val_acc else None,
-            "test_acc": self.last("test/acc"),
+            "test_acc": self.newest(TEST_ACC),  # the latest test of the run
             "mean_epoch_s": fmean(times) if times else None,
             "mean_val_s": fmean(val_times) if val_times else None,
             # All samples over all time (per-epoch rate x time = samples of that epoch).
@@ -116,7 +127,7 @@ class Run:
 
 def loss_tag(run: Run) -> str:
     """The epoch-level training-loss tag of a run (``train/loss_epoch`` or ``train/loss``)."""
-    return "train/loss_epoch" if "train/loss_epoch" in run.scalars else "train/loss"
+    return TRAIN_LOSS_EPOCH if TRAIN_LOSS_EPOCH in run.scalars else TRAIN_LOSS
 
 
 # ---------------------------------------------------------------------- reading
@@ -207,16 +218,20 @@ def load_run(path: Path) -> Run:
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
     accumulator.Reload()
     scalars: dict[str, list[tuple[int, float]]] = {}
+    latest: dict[str, float] = {}
     for tag in accumulator.Tags().get("scalars", []):
-        by_step = {event.step: float(event.value) for event in accumulator.Scalars(tag)}
+        events = accumulator.Scalars(tag)
+        by_step = {event.step: float(event.value) for event in events}
         scalars[tag] = sorted(by_step.items())
+        if events:
+            latest[tag] = float(max(events, key=lambda event: event.wall_time).value)
     if not scalars:
         raise ReportError(
             f"the event files in {str(path)!r} hold no scalars: the run probably stopped "
             "before its first epoch ended"
         )
     incomplete = "; ".join(problems) or None
-    return Run(path, scalars, read_hparams(accumulator), incomplete=incomplete)
+    return Run(path, scalars, read_hparams(accumulator), incomplete=incomplete, latest=latest)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from noprop_lightning.lightning_private import should_save_on_exception
 from noprop_lightning.settings import check_optional_int
 from noprop_lightning.stopping import StoppedAtOnce, is_lost_process
 
@@ -80,12 +82,33 @@ class LastCheckpoint(ModelCheckpoint):
             return None
         return str(Path(self.dirpath) / f"{LAST_NAME}{self.FILE_EXTENSION}")
 
+    #: Whether a training batch of this fit has started: before one, the state in memory is
+    #: the checkpoint resumed from (or the initial one), and the fit's checks (restoring the
+    #: checkpoint, the modules' ``on_train_start``) may still refuse it.
+    _trained: bool = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Set up the folder (as ``ModelCheckpoint``); a new fit has trained nothing yet."""
+        super().setup(trainer, pl_module, stage)
+        self._trained = False
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """From the first training batch on, a stop saves the state reached."""
+        self._trained = True
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Save the state reached, and say where it is and how to resume from it."""
-        if self.dirpath is None or not self._should_save_on_exception(trainer):
-            return  # before the folder was set up nothing was trained
+        """Save the state reached, and say where it is and how to resume from it.
+
+        Nothing is saved before the first training batch: a fit refused while it restores
+        or checks its checkpoint writes nothing (the file resumed from already holds that
+        state).
+        """
+        if self.dirpath is None or not self._trained or not should_save_on_exception(self, trainer):
+            return  # nothing trained yet (or the folder was not set up)
         if isinstance(exception, StoppedAtOnce) or is_lost_process(exception):
             if Path(self.path or "").exists():
                 rank_zero_info(f"Not saved; {self.path} holds the last state saved.")

@@ -19,6 +19,7 @@ from noprop_lightning.callbacks.checkpoint import (
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES
 from noprop_lightning.distributed.checkpoint import INDEX_NAME, SHARDS_KEY
 from noprop_lightning.errors import CheckpointError, CheckpointMismatchError, ConfigurationError
+from noprop_lightning.lightning_private import BATCH_PROGRESS, saved_fit_loop
 from noprop_lightning.modules.base import ClassifierModule
 
 #: Model settings a resumed run takes from its config, not from the checkpoint: the
@@ -243,7 +244,7 @@ def describe_progress(path: str | Path) -> str:
         return ""
     parts = [f"epoch {checkpoint.get('epoch')}"]
     try:
-        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        progress = saved_fit_loop(checkpoint)[BATCH_PROGRESS]["current"]
         parts.append(f"{progress['processed']} training batches into it")
     except (KeyError, TypeError):
         pass

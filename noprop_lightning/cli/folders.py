@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-
-from noprop_lightning.cli.checkpoints import (
-    describe_progress,
-    model_checkpoint_states,
-    names_subclass,
-    read_checkpoint_header,
+from noprop_lightning.cli.checkpoints import model_checkpoint_states, read_checkpoint_header
+from noprop_lightning.cli.restarts import (
+    MARKER_FORMAT,
+    holds_marker,
+    marker_path,
+    plan_restart,
+    version_of,
 )
 from noprop_lightning.distributed.checkpoint import checkpoint_exists, checkpoint_mtime
 from noprop_lightning.distributed.elastic import Launch, current_launch, join_group
@@ -25,6 +25,10 @@ from noprop_lightning.errors import ConfigurationError
 
 #: Loggers whose folder is ``<save_dir>/<name>/<version>`` (``version_N`` by default).
 FOLDER_LOGGERS = (".TensorBoardLogger", ".CSVLogger")
+
+#: The config a ``test`` of a run's checkpoint saves into that run's folder (its
+#: ``config.yaml`` stays the fit's, the one to resume with).
+TEST_CONFIG_NAME = "config_test.yaml"
 
 
 def version_folder(version: Any) -> str:
@@ -44,30 +48,78 @@ def logger_root(logger: Any) -> Path | None:
     return Path(str(init_args.save_dir)) / name if name else Path(str(init_args.save_dir))
 
 
-def place_run(logger: Any, ckpt_path: str | None, subcommand: str) -> None:
-    """Point the logger of a fit at the right folder, or refuse one that is taken.
+def place_run(logger: Any, ckpt_path: str | None, subcommand: str) -> Path | None:
+    """Point the logger at the run of ``--ckpt_path``, or refuse a fit into a taken folder.
 
     - ``fit --ckpt_path`` with a checkpoint inside ``<save_dir>/<name>/<version>/`` of the
       configured logger, and no version given: the run goes on in that version folder
-      (events, config and checkpoints in one place) instead of starting a new one.
+      (events, config and checkpoints in one place) instead of starting a new one. A
+      checkpoint anywhere else (a copy, another ``save_dir``) starts a new run from its state,
+      in a new version folder (see :func:`resume_dirpath`).
+    - ``test --ckpt_path`` with such a checkpoint, and no version given: the test logs into
+      that run's folder, so ``report`` shows its test accuracy beside its training.
     - A version given explicitly whose folder already holds files of another run, without
-      resuming from a checkpoint inside it: refused (it would overwrite that run's
-      ``config.yaml`` and mix two runs' events).
+      resuming from a checkpoint inside it: refused for ``fit`` (it would overwrite that
+      run's ``config.yaml`` and mix two runs' events).
+
+    Returns:
+        The run folder the logger was pointed at, ``None`` when it was left as configured.
 
     Raises:
         ConfigurationError: The explicit version's folder is taken.
     """
     root = logger_root(logger)
-    if root is None or subcommand != "fit":
-        return
+    if root is None or subcommand not in ("fit", "test"):
+        return None
     init_args = logger.init_args
     checkpoint = Path(ckpt_path).resolve() if ckpt_path and checkpoint_exists(ckpt_path) else None
     if init_args.get("version") is None:
         run = _run_of(root, checkpoint)
         if run is not None:
             init_args.version = run.name
-        return
-    refuse_taken_folder(root / version_folder(init_args.version), init_args.version, checkpoint)
+        return run
+    if subcommand == "fit":
+        refuse_taken_folder(root / version_folder(init_args.version), init_args.version, checkpoint)
+    return None
+
+
+def resume_dirpath(
+    logger: Any, ckpt_path: str | None, recorded: str | None, subcommand: str
+) -> str | None:
+    """The folder to give the config's ``ModelCheckpoint`` callbacks for ``--ckpt_path``.
+
+    A checkpoint records where its ``ModelCheckpoint`` saved. ``test``, ``validate`` and
+    ``predict`` save nothing: that folder lets the callbacks restore their state without
+    Lightning warning that the folder changed. A ``fit`` writes there only when it continues
+    that run: the checkpoint file still lies in the folder it records (not a copy, not a
+    moved run) and, with a TensorBoard or CSV logger, that folder is the ``checkpoints/``
+    folder of the logger's run folder (:func:`place_run` chose it). Otherwise the fit is a new
+    run started from the checkpoint's state and saves into its own folder: it never writes
+    into the folder of another run.
+
+    Args:
+        logger: The ``trainer.logger`` part of the config (after :func:`place_run`).
+        ckpt_path: The checkpoint given (a file, or a ``block_parallel`` checkpoint folder).
+        recorded: The folder the checkpoint records (``None``: none recorded).
+        subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
+
+    Returns:
+        The folder, or ``None`` to leave each callback's own (configured or default) folder.
+    """
+    if recorded is None or ckpt_path is None:
+        return None
+    if subcommand != "fit":
+        return recorded
+    if os.path.realpath(recorded) != os.path.realpath(Path(ckpt_path).parent):
+        return None  # a copy or a moved run: the recorded folder belongs to another run
+    root = logger_root(logger)
+    if root is None:
+        return recorded  # no run folder: the checkpoint's own folder is the run's
+    version = logger.init_args.get("version")
+    if version is None:
+        return None  # a new version folder: the checkpoint is not in one of this logger's runs
+    run_checkpoints = root / version_folder(version) / "checkpoints"
+    return recorded if os.path.realpath(run_checkpoints) == os.path.realpath(recorded) else None
 
 
 def _run_of(root: Path, checkpoint: Path | None) -> Path | None:
@@ -91,7 +143,7 @@ def refuse_taken_folder(folder: Path, version: Any, checkpoint: Path | None) -> 
         return
     if checkpoint is not None and folder.resolve() in checkpoint.parents:
         return  # resuming into its own folder
-    if _holds_marker(folder, current_launch()):
+    if holds_marker(folder, current_launch()):
         return  # this run's own folder, after a restart
     raise ConfigurationError(
         f"the logger's folder {folder} already holds another run (version "
@@ -151,19 +203,6 @@ def resolve_named_checkpoint(logger: Any, name: str, subcommand: str) -> str | N
 
 
 # ---------------------------------------------------------------------- restarts
-#: The marker a torchrun / SLURM fit leaves in its run folder: ``.elastic-<launcher>-<id>.json``.
-MARKER_FORMAT = ".elastic-{key}.json"
-
-
-def _marker_path(folder: Path, launch: Launch) -> Path:
-    return folder / MARKER_FORMAT.format(key=launch.key)
-
-
-def _holds_marker(folder: Path, launch: Launch | None) -> bool:
-    """Whether ``folder`` is the run folder of ``launch``'s run (its marker is there)."""
-    if launch is None or not (launch.identifies_job or launch.restarts):
-        return False
-    return _marker_path(folder, launch).is_file()
 
 
 def starting_checkpoint(trainer: Any, ckpt_path: str | None, subcommand: str) -> str | None:
@@ -226,7 +265,7 @@ def _plan_start(trainer: Any, ckpt_path: str | None, launch: Launch) -> dict[str
         markers = sorted(root.glob(f"*/{MARKER_FORMAT.format(key=launch.key)}"))
         marker = max(markers, key=lambda p: p.stat().st_mtime, default=None)
     if marker is not None:
-        return _plan_restart(marker, trainer, launch)
+        return plan_restart(marker, trainer, launch)
     message = None
     if launch.restarts and root is None:
         message = (
@@ -239,7 +278,7 @@ def _plan_start(trainer: Any, ckpt_path: str | None, launch: Launch) -> dict[str
     if root is not None and launch.rank == 0:
         folder, version = _claim_folder(root, logger.init_args.get("version"), ckpt_path)
         record = {"launcher": launch.launcher, "run_id": launch.run_id, "ckpt_path": ckpt_path}
-        marker = _marker_path(folder, launch)
+        marker = marker_path(folder, launch)
         partial = marker.with_name(f"{marker.name}.partial")
         partial.write_text(json.dumps(record))
         os.replace(partial, marker)  # the other ranks read a whole marker or none
@@ -254,7 +293,7 @@ def _claim_folder(root: Path, version: Any, ckpt_path: str | None) -> tuple[Path
         refuse_taken_folder(folder, version, checkpoint)
     elif (run := _run_of(root, checkpoint)) is not None:
         folder = root / run.name  # resuming that run, in its folder (as place_run)
-        version = _version_of(run.name)
+        version = version_of(run.name)
     else:
         taken = [p.name.split("_", 1)[1] for p in root.glob("version_*") if p.is_dir()]
         number = max((int(n) for n in taken if n.isdigit()), default=-1) + 1
@@ -267,53 +306,3 @@ def _claim_folder(root: Path, version: Any, ckpt_path: str | None) -> tuple[Path
         return root / f"version_{number}", number
     folder.mkdir(parents=True, exist_ok=True)
     return folder, version
-
-
-def _version_of(name: str) -> int | str:
-    """The logger version of folder ``name`` (``version_3`` -> ``3``)."""
-    number = name.removeprefix("version_")
-    return int(number) if name.startswith("version_") and number.isdigit() else name
-
-
-def _plan_restart(marker: Path, trainer: Any, launch: Launch) -> dict[str, Any]:
-    """Go on in the marker's folder from the newest checkpoint written since the marker."""
-    folder = marker.parent
-    record = json.loads(marker.read_text())
-    since = marker.stat().st_mtime
-    found = [
-        f
-        for d in _checkpoint_folders(folder, trainer)
-        if d.is_dir()
-        for f in d.glob("*.ckpt")
-        if checkpoint_exists(f) and checkpoint_mtime(f) >= since
-    ]
-    newest = max(found, key=lambda f: (checkpoint_mtime(f), f.name == "last.ckpt"), default=None)
-    first = record.get("ckpt_path")
-    stopped = f"{launch.describe()}: the run in {folder} wrote no checkpoint before it stopped"
-    if newest is not None:
-        ckpt_path: str | None = str(newest)
-        message = f"{launch.describe()}: resuming the run in {folder} from its latest checkpoint "
-        message += str(newest)
-    elif first and checkpoint_exists(first):
-        ckpt_path = first
-        message = f"{stopped}; starting again from {first}"
-    else:
-        ckpt_path = None
-        message = f"{stopped}; starting from scratch in that folder"
-    if ckpt_path is not None and launch.rank == 0:
-        message += describe_progress(ckpt_path)
-    return {"version": _version_of(folder.name), "ckpt_path": ckpt_path, "message": message}
-
-
-def _checkpoint_folders(folder: Path, trainer: Any) -> list[Path]:
-    """``<run>/checkpoints`` and the folders the config's checkpoint callbacks name."""
-    folders = [folder / "checkpoints"]
-    for callback in trainer.get("callbacks") or []:
-        init_args = callback.get("init_args") if hasattr(callback, "get") else None
-        if (
-            names_subclass(callback, ModelCheckpoint)
-            and init_args is not None
-            and init_args.get("dirpath")
-        ):
-            folders.append(Path(str(init_args.dirpath)))
-    return folders
