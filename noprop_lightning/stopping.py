@@ -49,6 +49,25 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from noprop_lightning.lightning_private import (
+    observer_look,
+    observer_threads,
+    replace_observer_look,
+    request_stop,
+)
+from noprop_lightning.lost_peers import is_lost_process, timed_out
+
+__all__ = [
+    "CODES",
+    "EXIT_STATUS",
+    "STOP",
+    "StopSignals",
+    "StoppedAtOnce",
+    "is_lost_process",
+    "signal_label",
+    "timed_out",
+]
+
 #: The signals :class:`StopSignals` handles, by priority when ranks received different ones.
 CODES = {signal.SIGINT: 1, signal.SIGTERM: 2}
 #: Exit status per signal (128 + the signal number, the shell's convention).
@@ -79,6 +98,11 @@ class StopSignals:
         self._trainer: L.Trainer | None = None
         self._at_once = False
         self._local_ranks: list[subprocess.Popen] = []
+        #: Called (from Lightning's child-process observer) when a rank this process started
+        #: exited with a status other than 0 or a stop's: it ends the run with one report
+        #: (the command line's :mod:`~noprop_lightning.cli.exits`). ``None``: Lightning's
+        #: observer kills every process of the run.
+        self.lost_local_rank: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ handlers
     def install(self, trainer: L.Trainer, at_once: bool = False) -> None:
@@ -99,7 +123,7 @@ class StopSignals:
         self._at_once = at_once
         # Lightning's launcher (rank 0 of `--trainer.devices N`) started the other local ranks.
         self._local_ranks = list(getattr(trainer.strategy.launcher, "procs", None) or [])
-        _spare_deliberate_stops(self._local_ranks)
+        _spare_deliberate_stops(self._local_ranks, self.lost_local_rank)
         for signum in CODES:
             current = signal.getsignal(signum)
             if current == self._on_signal:
@@ -176,7 +200,7 @@ class StopSignals:
             _quiet_process_observer()
             # Lightning's own flag (read at the end of the batch and of the epoch): set on
             # every rank in the same batch, so they all stop there together.
-            trainer._signal_connector.received_sigterm = True
+            request_stop(trainer)
         return code >= _DIVERGED
 
     def stop_if_signalled(
@@ -228,7 +252,9 @@ def signal_label(received: signal.Signals) -> str:
     return "Ctrl-C (SIGINT)" if received == signal.SIGINT else "SIGTERM"
 
 
-def _spare_deliberate_stops(children: list[subprocess.Popen]) -> None:
+def _spare_deliberate_stops(
+    children: list[subprocess.Popen], lost: Callable[[], None] | None = None
+) -> None:
     """Keep Lightning's child-process observer from killing the run for a stop at once.
 
     Rank 0 of ``--trainer.devices N`` runs a thread (Lightning's private
@@ -236,26 +262,29 @@ def _spare_deliberate_stops(children: list[subprocess.Popen]) -> None:
     itself included, once a rank it started has exited with a non-zero status. A rank that
     stopped at once exits with 130 or 143 on purpose, and rank 0 then ends with that status
     too (:mod:`noprop_lightning.cli.exits`): from then on the observer stops looking. Other
-    statuses are handled as before. No public hook exists: the thread's ``_run`` (one look)
-    is wrapped.
+    statuses go to ``lost`` where given (the run then ends the way it does when rank 0's
+    own collective notices first, whichever notices first), else to Lightning's look. No
+    public hook exists: the thread's look is wrapped (:mod:`~noprop_lightning.lightning_private`).
     """
     if not children:
         return
     stopped = set(EXIT_STATUS.values())
-    for thread in threading.enumerate():
-        look = getattr(thread, "_run", None)
-        if thread.name != "child-process-observer" or look is None:
-            continue
-        if getattr(look, "spares_deliberate_stops", False):
+    for thread in observer_threads():
+        look = observer_look(thread)
+        if look is None or getattr(look, "spares_deliberate_stops", False):
             continue
 
         def spare(look: Callable[[], bool] = look) -> bool:
-            if any(proc.poll() in stopped for proc in children):
+            codes = [proc.poll() for proc in children]
+            if any(code in stopped for code in codes):
                 return True  # ends the observer, without killing anything
+            if lost is not None and any(codes):  # a status other than 0 (None: running)
+                lost()
+                return True
             return look()
 
         spare.spares_deliberate_stops = True  # type: ignore[attr-defined]
-        thread._run = spare
+        replace_observer_look(thread, spare)
 
 
 def _quiet_process_observer() -> None:
@@ -266,9 +295,8 @@ def _quiet_process_observer() -> None:
     exiting with 143 after the agreed save would get rank 0 killed before it exits with 143.
     Rank 0 waits for its ranks itself instead (:meth:`StopSignals.wait_for_local_ranks`).
     """
-    for thread in threading.enumerate():
-        if thread.name == "child-process-observer" and hasattr(thread, "_run"):
-            thread._run = lambda: True  # its next look ends it, without killing anything
+    for thread in observer_threads():
+        replace_observer_look(thread, lambda: True)  # its next look ends it, killing nothing
 
 
 def _first_message(received: signal.Signals) -> str:
@@ -285,34 +313,6 @@ def _say(trainer: L.Trainer | None, message: str) -> None:
     if trainer is not None and trainer.world_size > 1:
         message = f"[rank {trainer.global_rank}] {message}"
     print(f"\n{message}", file=sys.stderr, flush=True)
-
-
-#: How gloo and NCCL say that a peer process is gone (killed, crashed, its machine lost).
-_LOST_PEER = (
-    "connection closed by peer",
-    "connection reset by peer",
-    "connection refused",
-    "broken pipe",
-    "nccl communicator was aborted",
-)
-
-
-def is_lost_process(exception: BaseException) -> bool:
-    """Whether ``exception`` says that another process of the group is gone.
-
-    A collective then fails on every survivor; saving (more collectives) would fail again.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exception
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, dist.DistBackendError) or (
-            isinstance(current, RuntimeError)
-            and any(text in str(current).lower() for text in _LOST_PEER)
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 #: The process's stop record.

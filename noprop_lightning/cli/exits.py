@@ -11,39 +11,87 @@ next collective, find the stop there (:func:`peer_stopped_at_once`) and exit ali
 of reporting a lost process; rank 0, serving the store, waits until they have read it. A
 rank killed (``kill -9``) or crashed writes nothing: the others report the lost process,
 as do the ranks on other machines when rank 0 stopped at once (its store went with it).
+
+A lost process (killed, crashed, or not answering within the collectives' timeout:
+:mod:`noprop_lightning.distributed.timeouts`) ends the run with status 1 and one ``error:``
+line, whoever notices first. In a run the command launched itself (``--trainer.devices N``:
+rank 0 started the other ranks on its machine) rank 0 reports: it names the rank that is
+gone or stopped, kills every rank it started that is left (a stopped one included) and
+exits; a rank it started exits without a line while rank 0 runs. Rank 0's main thread (a
+collective that failed) and Lightning's child-process observer (a rank that exited; it
+would SIGKILL every process, exit status 137 and no line) reach the same report
+(:func:`exit_lost_process`, :func:`lost_local_rank`): the first decides. Should rank 0
+itself stop answering, the rank that notices kills it (the command's status is then 137).
+Under torchrun and SLURM each surviving process prints its line; the launcher ends the rest.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import signal
-import socket
+import subprocess
 import sys
-import tempfile
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
-import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from noprop_lightning.stopping import CODES, EXIT_STATUS, STOP, StoppedAtOnce, signal_label
+from noprop_lightning.cli.at_once import (
+    PARENT_PID,
+    READ_WITHIN,
+    announce_at_once,
+    hold,
+    peer_stopped_at_once,
+    wait_until_read,
+)
+from noprop_lightning.distributed.elastic import current_launch
+from noprop_lightning.distributed.timeouts import SETTING, applied, describe
+from noprop_lightning.lost_peers import timed_out
+from noprop_lightning.stopping import EXIT_STATUS, STOP, StoppedAtOnce, signal_label
+
+__all__ = [
+    "LOST_PROCESS_EXIT_CODE",
+    "READ_WITHIN",
+    "announce_at_once",
+    "exit_after_stop",
+    "exit_at_once",
+    "exit_lost_process",
+    "lost_local_rank",
+    "on_rank_zero",
+    "peer_stopped_at_once",
+]
 
 #: Exit status when another process of a multi-process run was lost (killed, crashed).
 LOST_PROCESS_EXIT_CODE = 1
-#: Seconds rank 0 keeps the run's store up for the other ranks to read a stop at once.
-READ_WITHIN = 10.0
-#: The run's store key holding the signal of a stop at once (its first writer decides).
-_AT_ONCE_KEY = "noprop_lightning/stopped_at_once"
-#: The run's store counter of the ranks other than 0 that have written or read that key.
-_READ_KEY = "noprop_lightning/read_stopped_at_once"
-#: The run's store key set by each process (other than rank 0) that stopped at once itself.
-_BY_KEY = "noprop_lightning/stopped_at_once_by/{pid}"
-#: The process that started this one: Lightning's launcher (rank 0), for the ranks it starts.
-_PARENT_PID = os.getppid()
+#: Seconds a launching process gives a lost rank it started to show that it exited.
+_SETTLE = 2.0
+#: Held by the thread that reports a lost process (the main thread or the observer).
+_REPORTING = threading.Lock()
+
+
+def _started_by_parent() -> bool:
+    """Whether Lightning's launcher in the parent process started this one (a local rank > 0).
+
+    Its launcher runs the same command line with ``LOCAL_RANK`` set for each rank it starts;
+    torchrun and SLURM start every process themselves.
+    """
+    local = os.environ.get("LOCAL_RANK", "")
+    if not local.isdigit() or int(local) == 0 or current_launch() is not None:
+        return False
+    try:
+        parent = Path(f"/proc/{PARENT_PID}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return False
+    args = [os.fsencode(arg) for arg in sys.argv[1:]]
+    return len(parent) > len(args) and parent[len(parent) - len(args) :] == args
+
+
+#: Whether this process is a rank that Lightning's launcher (its parent) started.
+_STARTED_BY_PARENT = _started_by_parent()
 
 
 def on_rank_zero(message: str) -> None:
@@ -61,7 +109,7 @@ def exit_after_stop(stop: SystemExit) -> NoReturn:
     (:mod:`noprop_lightning.stopping`); the launching process waits for the ranks it
     started. A scheduler must see that the job did not finish.
     """
-    _hold()  # a note from the launcher changes nothing: this rank stopped by itself
+    hold()  # a note from the launcher changes nothing: this rank stopped by itself
     if isinstance(stop, StoppedAtOnce):
         exit_at_once(announce_at_once(stop.received), stopped_here=True)
     status = STOP.exit_status()
@@ -86,7 +134,7 @@ def exit_at_once(received: signal.Signals, stopped_here: bool) -> NoReturn:
     STOP.at_once = received
     status = EXIT_STATUS[received]
     if not stopped_here:
-        _wait_until_read()
+        wait_until_read()
         for line in STOP.wait_for_local_ranks():
             print(f"warning: {line}", file=sys.stderr)
     on_rank_zero(
@@ -96,172 +144,158 @@ def exit_at_once(received: signal.Signals, stopped_here: bool) -> NoReturn:
 
 
 def exit_lost_process(err: BaseException) -> NoReturn:
-    """Another process of the run is gone: one ``error:`` line per surviving process, exit 1.
+    """Another process of the run is gone or not answering: one ``error:`` line, exit 1.
 
     Unless it left by stopping at once (:func:`peer_stopped_at_once`): that stop is then
-    the run's outcome (:func:`exit_at_once`).
+    the run's outcome (:func:`exit_at_once`). A rank started by Lightning's launcher exits
+    without a line while its launcher (rank 0) runs: rank 0 reports for the run.
     """
-    received = peer_stopped_at_once(_hold())
+    launcher_stopped = _STARTED_BY_PARENT and _state(PARENT_PID) in ("T", "t")
+    note = hold()
+    # A stopped launcher holds the run's store: asking it would wait for the store's timeout.
+    received = note if launcher_stopped else peer_stopped_at_once(note)
     if received is not None:
         exit_at_once(received, stopped_here=False)
-    cause = " ".join(str(err).split())
-    cause = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", cause)  # gloo's source location
-    cause = cause.split(". This is typically caused")[0][:200]
-    rank = getattr(rank_zero_only, "rank", 0)
-    print(
-        f"error: [rank {rank}] lost contact with another process of this run ({cause}); "
-        "stopping. Resume with --ckpt_path last.",
-        file=sys.stderr,
-        flush=True,
-    )
+    if _launcher_runs():
+        sys.exit(LOST_PROCESS_EXIT_CODE)
+    if not _REPORTING.acquire(blocking=False):
+        while True:  # the observer reports, and ends this process
+            time.sleep(1.0)
+    print(_lost_line(err), file=sys.stderr, flush=True)
     sys.exit(LOST_PROCESS_EXIT_CODE)
 
 
-def announce_at_once(received: signal.Signals) -> signal.Signals:
-    """Before this process exits on a stop at once: tell the other ranks; the run's signal.
+def lost_local_rank() -> None:
+    """Lightning's child-process observer saw a rank this process started exit (status not 0).
 
-    The signal goes into the run's store unless another rank's is there already (the first
-    decides, so that every process exits alike); a launching process (rank 0, whose store
-    goes with it) also leaves a note for each rank it started that still runs and has not
-    stopped at once by itself (a note written as such a rank exits would be left behind).
+    The same report as :func:`exit_lost_process` (unless the main thread makes it), then
+    the process ends with status 1 (``os._exit``: this runs in the observer's thread, while
+    the main thread may wait in a collective).
+    """
+    if not _REPORTING.acquire(blocking=False):
+        return  # the main thread reports
+    line = _lost_line(None)
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(LOST_PROCESS_EXIT_CODE)
 
-    Args:
-        received: The signal that stopped this process.
+
+def _lost_line(err: BaseException | None) -> str:
+    """The run's ``error:`` line for a lost process; first ends the ranks this one started."""
+    timeout = timed_out(err) if err is not None else None
+    waited = _waited(timeout)
+    gone = _end_local_ranks(waited)
+    if _STARTED_BY_PARENT and _state(PARENT_PID) in ("T", "t"):
+        gone.append(f"rank 0 {_stopped_and_killed(PARENT_PID, waited)}")
+    if gone:
+        cause = "; ".join(gone)
+    elif timeout is not None:
+        cause = f"a process did not answer within {waited or 'the timeout'}: hung or stopped"
+    elif err is not None:
+        cause = " ".join(str(err).split())
+        cause = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", cause)  # gloo's source location
+        cause = cause.split(". This is typically caused")[0][:200]
+    else:
+        cause = "a rank exited"
+    rank = getattr(rank_zero_only, "rank", 0)
+    line = (
+        f"error: [rank {rank}] lost contact with another process of this run ({cause}); "
+        "stopping. Resume with --ckpt_path last."
+    )
+    if timeout is not None:
+        line += (
+            f" If a process may be busy longer than that (a large checkpoint save, a slow "
+            f"first batch), raise the timeout: {SETTING}."
+        )
+    return line
+
+
+def _waited(timeout: BaseException | None) -> str | None:
+    """How long the collective waited (``None`` when none timed out).
+
+    From gloo's ``Timed out waiting 15000ms ...``, else the timeout this process's
+    collectives were given.
+    """
+    if timeout is None:
+        return None
+    match = re.search(r"timed out waiting (\d+)\s*ms", str(timeout), re.IGNORECASE)
+    given = timedelta(milliseconds=int(match.group(1))) if match else applied()
+    return describe(given) if given is not None else None
+
+
+def _end_local_ranks(waited: str | None) -> list[str]:
+    """What became of the ranks this process started; kill (and reap) those that are left.
 
     Returns:
-        The signal of the run's stop at once: ``received``, or an earlier rank's.
+        ``"rank R was killed by SIGKILL"``, ``"rank R did not answer within 20 s: its process
+        was stopped (SIGSTOP), now killed"``, and ``"rank R exited with status S"`` where no
+        rank was killed or stopped (a rank that lost contact itself exits with 1).
     """
-    decided = received
-    store = _run_store()
-    if store is not None:
+    procs = list(STOP._local_ranks)
+    if not procs:
+        return []
+    base = getattr(rank_zero_only, "rank", 0)
+    deadline = time.monotonic() + _SETTLE
+    while not any(p.poll() not in (None, 0) or _state(p.pid) in ("T", "t") for p in procs):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    killed, exited = [], []
+    for rank, proc in enumerate(procs, start=base + 1):
+        code = proc.poll()
+        if code is not None and code < 0:
+            killed.append(f"rank {rank} was killed by {_signal_name(-code)}")
+        elif code:
+            exited.append(f"rank {rank} exited with status {code}")
+        elif code is None and _state(proc.pid) in ("T", "t"):
+            killed.append(f"rank {rank} {_stopped_and_killed(proc.pid, waited)}")
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
         try:
-            decided = signal.Signals(int(store.compare_set(_AT_ONCE_KEY, "", str(int(received)))))
-            if dist.get_rank() != 0:
-                store.set(_BY_KEY.format(pid=os.getpid()), "1")
-                store.add(_READ_KEY, 1)  # a round trip: the keys above are written
-        except Exception:  # the store's host is gone: nobody to tell there
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             pass
-    for proc in STOP.running_local_ranks():
-        _write_note(proc.pid, decided)
-        if _stopped_by_itself(store, proc.pid):  # checked after writing: no race
-            _remove(_note_path(proc.pid))
-    return decided
+    return killed or exited
 
 
-def peer_stopped_at_once(note: signal.Signals | None) -> signal.Signals | None:
-    """After losing contact with another process: the signal, if it left by stopping at once.
-
-    Args:
-        note: The signal in the launcher's note for this process, if any (:func:`_hold`).
-
-    Returns:
-        The signal, from the note or from the run's store (then counted as read, so that
-        rank 0 may go); ``None`` when the other process was killed or crashed.
-    """
-    if note is not None:
-        return note
-    store = _run_store()
-    if store is None:
-        return None
+def _stopped_and_killed(pid: int, waited: str | None) -> str:
+    """Kill the stopped process ``pid``; how the line says so."""
     try:
-        if not store.check([_AT_ONCE_KEY]):
-            return None
-        received = signal.Signals(int(store.get(_AT_ONCE_KEY)))
-        if dist.get_rank() != 0:
-            store.add(_READ_KEY, 1)
-    except Exception:  # the store's host is gone as well
-        return None
-    return received
-
-
-def _wait_until_read() -> None:
-    """On rank 0: wait until every other rank has read a stop at once from the run's store."""
-    store = _run_store()
-    if store is None or dist.get_rank() != 0:
-        return
-    deadline = time.monotonic() + READ_WITHIN
-    try:
-        while store.add(_READ_KEY, 0) < dist.get_world_size() - 1:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.02)
-    except Exception:  # the store went: nothing more to wait for
-        return
-
-
-def _hold() -> signal.Signals | None:
-    """The process is exiting: further signals change nothing; take the launcher's note.
-
-    Returns:
-        The signal in the note the launcher left for this process, if any (removed, read or
-        not; one written later is removed at exit).
-    """
-    if threading.current_thread() is threading.main_thread():
-        for signum in CODES:
-            signal.signal(signum, signal.SIG_IGN)
-    path = _note_path(os.getpid())
-    atexit.register(_remove, path)
-    try:
-        code, launcher = (int(word) for word in path.read_text().split())
-        path.unlink()
-    except (OSError, ValueError):
-        return None
-    if launcher != _PARENT_PID or code not in {int(s) for s in EXIT_STATUS}:
-        return None  # another run's, left behind
-    return signal.Signals(code)
-
-
-def _note_path(pid: int) -> Path:
-    """Where the launcher leaves the note for the rank with process id ``pid``."""
-    return Path(tempfile.gettempdir()) / f"noprop_lightning-{pid}.stopped-at-once"
-
-
-def _stopped_by_itself(store: dist.Store | None, pid: int) -> bool:
-    """Whether the rank with process id ``pid`` announced a stop at once of its own."""
-    try:
-        return store is not None and store.check([_BY_KEY.format(pid=pid)])
-    except Exception:  # the store went
-        return False
-
-
-def _remove(path: Path) -> None:
-    """Remove ``path`` if it is there (and may be removed)."""
-    try:
-        path.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
+    within = f" within {waited}" if waited else ""
+    return f"did not answer{within}: its process was stopped (SIGSTOP), now killed"
 
 
-def _write_note(pid: int, received: signal.Signals) -> None:
-    """Leave rank ``pid`` the signal of the stop at once, and this (its launcher's) pid."""
-    path = _note_path(pid)
-    partial = path.with_suffix(".partial")
+def _signal_name(signum: int) -> str:
     try:
-        partial.write_text(f"{int(received)} {os.getpid()}")
-        partial.replace(path)
-    except OSError:
-        pass  # that rank will report a lost process
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
-def _run_store() -> dist.Store | None:
-    """The default process group's store, where its host can be reached; else ``None``.
+def _state(pid: int) -> str | None:
+    """The process state of ``pid`` (``R``, ``S``, ``T`` stopped, ``Z``...); ``None``: gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
-    torch has no public accessor for it: ``_get_default_store`` (private, in torch since
-    1.x) is the one private name here. A TCP store is tried with a plain connection first:
-    where its host (rank 0) is gone, the store's client would print a C++ stack on stderr.
+
+def _launcher_runs() -> bool:
+    """Whether this process is a rank started by Lightning's launcher, which still runs.
+
+    Then the launcher reports a lost process for the run. A launcher that stopped (or
+    exited, leaving this process to another parent) reports nothing.
     """
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
-        return None
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:  # a torch without it: nothing is announced
-        return None
-    server = store
-    while isinstance(server, dist.PrefixStore):
-        server = server.underlying_store
-    if isinstance(server, dist.TCPStore):
-        try:
-            socket.create_connection((server.host, server.port), timeout=5.0).close()
-        except OSError:
-            return None
-    return store
+    return (
+        _STARTED_BY_PARENT
+        and os.getppid() == PARENT_PID
+        and _state(PARENT_PID) not in (None, "T", "t", "Z")
+    )
+
+
+STOP.lost_local_rank = lost_local_rank

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -62,6 +62,7 @@ from noprop_lightning.distributed.dims import BlockDims
 from noprop_lightning.distributed.layout import LAYOUT_KEY
 from noprop_lightning.distributed.plan import TrainingPlan
 from noprop_lightning.distributed.runtime import BlockRuntime, Runtime
+from noprop_lightning.distributed.timeouts import MEET_TIMEOUT, apply, peer_timeout
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.nets.placement import deferred_blocks
 from noprop_lightning.settings import check_int
@@ -94,13 +95,18 @@ class BlockParallelStrategy(DDPStrategy):
             processes, ``devices x num_nodes``); the rest of the ranks form block groups.
         microbatches: How many micro-batches of an evaluation batch are in flight across
             the block groups (fewer for small batches: at least 16 samples each).
+        timeout: How long one collective waits for a process that stopped answering
+            (:mod:`~noprop_lightning.distributed.timeouts`); default ``NOPROP_PEER_TIMEOUT``
+            seconds from the environment, else 10 minutes. The processes' first meeting
+            waits at least 30 minutes (they start at different times).
         accelerator, parallel_devices, cluster_environment, checkpoint_io,
-        precision_plugin, process_group_backend, timeout, start_method: As for
+        precision_plugin, process_group_backend, start_method: As for
             :class:`~lightning.pytorch.strategies.DDPStrategy` (launching and process groups).
         **ddp_only: Refused: DDP's wrapper options, which this strategy would ignore.
 
     Raises:
-        ConfigurationError: For an option of DDP's wrapper, or ``replicas < 1``.
+        ConfigurationError: For an option of DDP's wrapper, ``replicas < 1``, or a timeout
+            that is not positive.
     """
 
     strategy_name = STRATEGY_NAME
@@ -116,7 +122,7 @@ class BlockParallelStrategy(DDPStrategy):
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = None,
         start_method: str = "popen",
         **ddp_only: Any,
     ) -> None:
@@ -126,6 +132,8 @@ class BlockParallelStrategy(DDPStrategy):
                 f"{', '.join(sorted(ddp_only))} would be ignored: remove them (block "
                 "gradients are never all-reduced across block groups)"
             )
+        #: How long one collective waits for a process that stopped answering.
+        self.peer_timeout = peer_timeout(timeout)
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -133,7 +141,7 @@ class BlockParallelStrategy(DDPStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=max(self.peer_timeout, MEET_TIMEOUT),  # the first meeting
             start_method=start_method,
         )
         self.replicas = check_int("replicas", replicas)
@@ -167,10 +175,24 @@ class BlockParallelStrategy(DDPStrategy):
         """Replica ``j`` gets shard ``j``: every block group sees the same batches."""
         return {"num_replicas": self.replicas, "rank": self.replica}
 
+    def set_world_ranks(self) -> None:
+        """Lightning's ranks; then refuse a world that ``replicas`` does not divide.
+
+        ``Trainer(...)`` calls it once the devices are known, before any process is started:
+        a bad layout is refused once there, not by every rank after they all started.
+
+        Raises:
+            ConfigurationError: If ``replicas`` does not divide ``devices x num_nodes``.
+        """
+        super().set_world_ranks()
+        BlockDims.check_world(self.world_size, self.replicas)
+
     def setup_environment(self) -> None:
         """Start the process group and the ``replica x block_group`` mesh; plan this stage."""
         BlockDims.check_world(self.world_size, self.replicas)  # before any process group
         super().setup_environment()
+        if dist.is_initialized():
+            apply(self.peer_timeout)  # the processes have met: from now on
         self.plan, self.dims = None, None
         module = self.lightning_module
         if module is None:
@@ -195,6 +217,7 @@ class BlockParallelStrategy(DDPStrategy):
                     (self.replicas, self.block_groups),
                     mesh_dim_names=("replica", "block_group"),
                 )
+                apply(self.peer_timeout, self.mesh.get_all_groups())
             self.runtime = BlockRuntime(
                 self.dims,
                 self.root_device,
