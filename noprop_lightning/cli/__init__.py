@@ -19,6 +19,7 @@ from noprop_lightning.cli.errors import (
     condense_parser_message,
     find_user_error,
     parser_user_error,
+    quiet_writer_threads,
 )
 from noprop_lightning.cli.exits import exit_after_stop, exit_lost_process
 from noprop_lightning.cli.factory import make_cli
@@ -75,6 +76,7 @@ def main(args: Sequence[str] | None = None, prog: str | None = None) -> NoPropCL
         The CLI object (useful in tests); user errors exit instead of returning.
     """
     prog = prog or default_prog()
+    quiet_writer_threads()  # a full disk: one error line, not a writer thread's traceback
     try:
         return make_cli(args, prog=prog)
     except argparse.ArgumentError as err:

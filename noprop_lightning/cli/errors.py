@@ -7,6 +7,7 @@ import difflib
 import importlib.util
 import inspect
 import re
+import threading
 import typing
 from typing import Any
 
@@ -96,6 +97,44 @@ def find_user_error(err: BaseException) -> NoPropUserError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def _reported_again(args: Any) -> bool:
+    """Whether a thread's error is a refused write that its owner raises again in the caller.
+
+    TensorBoard's event writer (``tensorboard.summary.writer``) writes in a thread of its own,
+    keeps the error it died of and raises it again at the next ``write``/``flush``/``close``
+    of the main thread.
+    """
+    thread = args.thread
+    return (
+        isinstance(args.exc_value, OSError)
+        and args.exc_value.errno in UNWRITABLE
+        and type(thread).__module__.startswith("tensorboard.")
+        and getattr(thread, "exception", None) is args.exc_value
+    )
+
+
+def quiet_writer_threads() -> None:
+    """From now on, a writer thread dying of a refused write prints no traceback of its own.
+
+    On a full disk (or a folder that became read-only) TensorBoard's writer thread dies,
+    Python prints its ~25-line traceback on stderr, and the main thread then raises the
+    same error, which the command turns into one ``error:`` line
+    (:class:`~noprop_lightning.errors.StorageError`). The thread's traceback is dropped
+    (:func:`threading.excepthook`, wrapped once per process: the thread may die after the
+    main thread has already reported); any other thread error keeps it.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "_noprop_quiet_writers", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not _reported_again(args):
+            previous(args)
+
+    hook._noprop_quiet_writers = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 _UNKNOWN_OPTION = re.compile(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError
@@ -132,7 +133,7 @@ def no_validation(data: object) -> list:
         ConfigurationError: When the trainer is validating.
     """
     trainer = getattr(data, "trainer", None)
-    if trainer is not None and trainer.state.fn == "validate":
+    if trainer is not None and trainer.state.fn == TrainerFn.VALIDATING:
         raise ConfigurationError(
             f"{type(data).__name__}(val_size=0) has no validation split to validate on: use "
             "test, or a val_size > 0."

@@ -92,11 +92,15 @@ class MNISTDataModule(ImageClassificationDataModule):
     def _download(self) -> None:
         datasets.MNIST(str(self.data_path), train=True, download=True)
 
-    def _load_split(self, split: Split) -> tuple[Tensor, Tensor]:
+    def _check_split_files(self, split: Split) -> None:
+        """Check the split's two IDX headers against the files' sizes (:func:`check_idx_file`)."""
         folder, _ = self._required_files()
         prefix = "train" if split == "train" else "t10k"
         check_idx_file(folder / f"{prefix}-images-idx3-ubyte", 3, split)
         check_idx_file(folder / f"{prefix}-labels-idx1-ubyte", 1, split)
+
+    def _load_split(self, split: Split) -> tuple[Tensor, Tensor]:
+        self._check_split_files(split)
         dataset = datasets.MNIST(str(self.data_path), train=split == "train", download=False)
         return dataset.data.unsqueeze(1), dataset.targets.long()
 

@@ -72,7 +72,7 @@ class TrainingPlan:
     microbatches: int = 1
 
     def __post_init__(self) -> None:
-        held = self.held_blocks
+        held = set(self.held_blocks)  # a set: T may be large
         missing = [t for t in self.layout.blocks if t not in held]
         if missing:
             raise ValueError(f"blocks {missing} are trained but not held")

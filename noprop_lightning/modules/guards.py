@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from noprop_lightning.callbacks.last import LastCheckpoint
 from noprop_lightning.errors import ConfigurationError, TrainingDivergedError
+from noprop_lightning.lightning_private import should_save_on_exception
 from noprop_lightning.nets import ClassifierHead, LabelEmbedding
 from noprop_lightning.stopping import STOP
 
@@ -59,37 +60,78 @@ def check_finite_images(x: torch.Tensor, stage: str, batch_idx: int) -> None:
     )
 
 
-def check_labels(labels: Any, num_classes: int, on_device: bool = False) -> None:
-    """Check that integer ``labels`` lie in ``[0, num_classes)``.
+def check_labels(
+    labels: Any, num_classes: int, on_device: bool = False, batch_size: int | None = None
+) -> torch.Tensor:
+    """Check that ``labels`` are class indices in ``[0, num_classes)``; return them as int64.
 
-    An out-of-range label would otherwise surface as an index error deep in the loss, or as
-    a device-side assert that kills the CUDA context.
+    Labels must be an integer tensor of shape ``(B,)``: float labels, one-hot rows or
+    per-class scores would otherwise surface as an index error or a size mismatch deep in
+    the loss, and an out-of-range label as an index error or a device-side assert that
+    kills the CUDA context. Integer types other than int64 are widened (the losses index
+    with int64).
 
     Args:
-        labels: The labels of a batch (anything else than an integer tensor is not checked).
+        labels: The labels of a batch.
         num_classes: ``K``.
-        on_device: Also check labels on an accelerator (costs a device synchronisation);
-            CPU labels are always checked.
+        on_device: Also check the range of labels on an accelerator (costs a device
+            synchronisation); the range of CPU labels, and every type and shape, are always
+            checked.
+        batch_size: The number of images of the batch (``None``: not compared).
+
+    Returns:
+        The labels, as ``int64``.
 
     Raises:
-        ConfigurationError: Naming the bad label and the model's ``num_classes``.
+        ConfigurationError: Naming what the labels are and what they must be, or the bad
+            label and the model's ``num_classes``.
     """
-    if not (
-        isinstance(labels, torch.Tensor)
-        and (labels.device.type == "cpu" or on_device)
-        and labels.numel() > 0
-        and not labels.is_floating_point()
-    ):
-        return
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
+    problem = _label_problem(labels, num_classes, batch_size)
+    if problem is not None:
         raise ConfigurationError(
-            f"a batch holds the label {bad}, but the model has num_classes={num_classes} "
-            f"(labels must lie in 0..{num_classes - 1}): the data and the model disagree on "
-            "the number of classes. Build the model with the data's num_classes, or fix the "
-            "labels."
+            f"the labels of a batch must be class indices, an integer tensor of shape (B,) "
+            f"with values in 0..{num_classes - 1}, but {problem}"
         )
+    if labels.numel() > 0 and (labels.device.type == "cpu" or on_device):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise ConfigurationError(
+                f"a batch holds the label {bad}, but the model has num_classes={num_classes} "
+                f"(labels must lie in 0..{num_classes - 1}): the data and the model disagree "
+                "on the number of classes. Build the model with the data's num_classes, or "
+                "fix the labels."
+            )
+    return labels.long()
+
+
+def _label_problem(labels: Any, num_classes: int, batch_size: int | None) -> str | None:
+    """What is wrong with the type or shape of a batch's labels, in words (``None``: fine)."""
+    if not isinstance(labels, torch.Tensor):
+        return f"they are a {type(labels).__name__}: return tensors from the dataset"
+    shape, dtype = tuple(labels.shape), str(labels.dtype).removeprefix("torch.")
+    one_hot = len(shape) == 2 and shape[1] == num_classes and shape[1] > 1
+    if labels.is_floating_point() or labels.is_complex():
+        if one_hot:
+            return (
+                f"they are {dtype} rows of {num_classes} values, shape {shape} (one-hot "
+                "or per-class scores): pass the class indices, labels.argmax(dim=1)"
+            )
+        return (
+            f"they are {dtype}, shape {shape}: convert whole-number class labels with labels.long()"
+        )
+    if labels.dtype == torch.bool:
+        return f"they are bool, shape {shape}: convert them with labels.long()"
+    if one_hot:
+        return (
+            f"they have shape {shape}, one row of {num_classes} per sample (one-hot): pass "
+            "the class indices, labels.argmax(dim=1)"
+        )
+    if len(shape) != 1:
+        return f"they have shape {shape}: flatten them to (B,), e.g. labels.reshape(-1)"
+    if batch_size is not None and shape[0] != batch_size:
+        return f"the batch has {batch_size} images and {shape[0]} labels"
+    return None
 
 
 def check_batch_size(module: torch.nn.Module, batch_size: int, what: str) -> None:
@@ -182,7 +224,7 @@ def _where_the_state_is(trainer: L.Trainer | None) -> str:
     callbacks = trainer.callbacks if trainer is not None else []
     last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
     if last is not None and last.save_on_exception and last.path:
-        if not last._should_save_on_exception(trainer):  # nothing new to save at this step
+        if not should_save_on_exception(last, trainer):  # nothing new to save at this step
             if trainer is not None and trainer.global_step == 0 and not Path(last.path).exists():
                 return (
                     "Nothing was saved: no batch had stepped yet, so the weights are the "
