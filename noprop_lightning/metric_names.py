@@ -1,4 +1,7 @@
-"""The names of the scalars the measuring callbacks log: every tag is spelled here once.
+"""The names of every scalar the package logs: every tag is spelled here once.
+
+The model's own metrics (``train/loss``, ``train/loss_block_01``, ``val/acc``, ...) come
+first; then the measuring callbacks' tags.
 
 A tag reads ``<group>/<stage>_<quantity>``: ``time/train_epoch_s``,
 ``throughput/val_samples_per_s``, ``memory/test_peak_rss_mib``. Users' TensorBoard logs,
@@ -15,6 +18,43 @@ from typing import Literal
 Stage = Literal["train", "val", "test"]
 PeakQuantity = Literal["peak_rss_mib", "peak_allocated_mib", "peak_reserved_mib"]
 
+# ---------------------------------------------------------------- the model's metrics
+#: Training terms, logged as ``train/<term>`` (epoch means) and ``train_step/<term>``.
+LOSS = "loss"
+LOSS_HEAD = "loss_head"
+KL = "kl"
+#: NoProp-CT / FM terms: the head's cross-entropy, the denoising loss, the flow loss.
+CE = "ce"
+DENOISE = "denoise"
+FLOW = "flow"
+#: Prefix of a block's loss term: ``loss_block_<tag>`` (tag: 1-based, zero-padded).
+BLOCK_LOSS_PREFIX = "loss_block_"
+
+
+def metric(stage: str, name: str) -> str:
+    """``<stage>/<name>``: e.g. ``metric("val", "acc") == "val/acc"``."""
+    return f"{stage}/{name}"
+
+
+def block_loss(tag: str) -> str:
+    """A block's loss term, e.g. ``block_loss("01") == "loss_block_01"``."""
+    return f"{BLOCK_LOSS_PREFIX}{tag}"
+
+
+TRAIN_LOSS = metric("train", LOSS)
+VAL_LOSS = metric("val", LOSS)
+VAL_ACC = metric("val", "acc")
+TEST_LOSS = metric("test", LOSS)
+TEST_ACC = metric("test", "acc")
+#: ``train/loss_block_``: what the plots and the report read block losses by.
+TRAIN_BLOCK_PREFIX = metric("train", BLOCK_LOSS_PREFIX)
+#: Lightning's name of an epoch-level ``train/loss`` that is also logged per step.
+TRAIN_LOSS_EPOCH = f"{TRAIN_LOSS}_epoch"
+#: NoProp-CT's learned schedule end points.
+TRAIN_GAMMA_0 = metric("train", "gamma_0")
+TRAIN_GAMMA_1 = metric("train", "gamma_1")
+
+# ---------------------------------------------------------------- the callbacks' tags
 #: The stages each measuring callback logs, in the order they run.
 STAGES: tuple[Stage, ...] = ("train", "val", "test")
 
@@ -63,6 +103,41 @@ TEST_THROUGHPUT = throughput("test")
 TRAIN_PEAK_RSS = peak_memory("train", PEAK_RSS_MIB)
 #: ``memory/train_peak_allocated_mib``: the CUDA allocator's peak in a training epoch.
 TRAIN_PEAK_ALLOCATED = peak_memory("train", PEAK_ALLOCATED_MIB)
+
+
+#: The group of the step-level training curves. The modules log each training term twice:
+#: its epoch mean as ``train/<term>`` (``train/loss``, ``train/loss_block_01``,
+#: ``train/loss_head``, ``train/kl``, ...; the report and compare tools read these) and its
+#: value on single batches as ``train_step/<term>``, written every ``log_every_n_steps``
+#: training batches. A group of its own: no epoch tag is a prefix of a step tag.
+TRAIN_STEP_GROUP = "train_step"
+
+
+def step_curve(term: str) -> str:
+    """The step curve of the training term ``term``: ``train_step/<term>``."""
+    return f"{TRAIN_STEP_GROUP}/{term}"
+
+
+#: ``train_step/loss``: the training loss of single batches, every ``log_every_n_steps``.
+TRAIN_STEP_LOSS = step_curve("loss")
+
+
+#: The module's epoch-level metrics that the console lines (``ProgressBar`` off a terminal) and
+#: the epoch-indexed view (``EpochTimer``) show: the package's modules log them each epoch.
+EPOCH_METRICS: tuple[str, ...] = (TRAIN_LOSS, VAL_LOSS, VAL_ACC)
+#: The module's test metrics, which the console line of a ``test`` run shows.
+TEST_METRICS: tuple[str, ...] = (TEST_LOSS, TEST_ACC)
+#: Prefix of the epoch-indexed copies ``EpochTimer`` logs (the training epoch as the step).
+EPOCH_VIEW_PREFIX = "epoch/"
+
+
+def by_epoch(tag: str) -> str:
+    """The epoch-indexed copy of ``tag``: ``epoch/<tag>`` (``epoch/val/acc``, ...).
+
+    Logged once per training epoch with the epoch number (from 0) as the step, so runs of
+    different lengths and speeds line up epoch by epoch in TensorBoard.
+    """
+    return f"{EPOCH_VIEW_PREFIX}{tag}"
 
 
 def timing_tags(stage: Stage) -> tuple[str, str]:

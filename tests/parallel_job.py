@@ -23,6 +23,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,11 +64,17 @@ def payload_bytes(name: str, args: tuple, kwargs: dict) -> int:
 
 
 class CollectiveCounter(L.Callback):
-    """Wraps every torch.distributed collective; records (op, bytes) per training step."""
+    """Wraps every torch.distributed collective; records (op, bytes) per training step.
+
+    ``gaps``: what ran between a batch's end and the next batch's start in the same epoch
+    (Lightning's own per-batch work, e.g. 2.6's broadcast of rank 0's SIGTERM flag).
+    """
 
     def __init__(self) -> None:
         self.in_step = False
+        self.in_gap = False
         self.steps: list[list[tuple[str, int]]] = []
+        self.gaps: list[list[tuple[str, int]]] = []
 
     def setup(self, trainer, pl_module, stage):
         for name in COLLECTIVES:
@@ -76,16 +83,24 @@ class CollectiveCounter(L.Callback):
             def wrapped(*args, _name=name, _original=original, **kwargs):
                 if self.in_step:
                     self.steps[-1].append((_name, payload_bytes(_name, args, kwargs)))
+                elif self.in_gap:
+                    self.gaps[-1].append((_name, payload_bytes(_name, args, kwargs)))
                 return _original(*args, **kwargs)
 
             setattr(dist, name, wrapped)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append([])
-        self.in_step = True
+        self.in_step, self.in_gap = True, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.in_step = False
+        self.in_step, self.in_gap = False, True
+        self.gaps.append([])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.in_gap = False
+        if self.gaps:
+            self.gaps.pop()  # the epoch's last batch has no next batch
 
 
 def tensor_bytes(tensors) -> int:
@@ -204,6 +219,8 @@ def main() -> None:
     parser.add_argument(
         "--kill-writing-block", type=int, default=None, help="rank 1: SIGKILL mid-file"
     )
+    parser.add_argument("--log-dir", type=Path, default=None, help="a CSVLogger's save_dir")
+    parser.add_argument("--log-every", type=int, default=50, help="log_every_n_steps")
     args = parser.parse_args()
     MODEL_SIZES.update(num_blocks=args.blocks)
 
@@ -250,7 +267,8 @@ def main() -> None:
         devices=args.devices,
         strategy=strategy,
         max_epochs=args.epochs,
-        logger=False,
+        logger=CSVLogger(args.log_dir, name="csv", version=0) if args.log_dir else False,
+        log_every_n_steps=args.log_every,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -277,6 +295,7 @@ def main() -> None:
         {
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "steps": counter.steps,
+            "gaps": counter.gaps,
             "test_acc": result["test/acc"],
             "world_size": trainer.world_size,
             "optimizers": len(trainer.optimizers),

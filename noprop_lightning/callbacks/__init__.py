@@ -1,6 +1,7 @@
 """Lightning callbacks that measure and summarise a run; usable in any Lightning project.
 
-* :class:`EpochTimer`: ``time/*_epoch_s`` and ``throughput/*_samples_per_s`` per epoch.
+* :class:`EpochTimer`: ``time/*_epoch_s`` and ``throughput/*_samples_per_s`` per epoch, and
+  ``epoch/*`` copies of the epoch-level scalars with the epoch as the step.
 * :class:`PeakMemoryMonitor`: ``memory/*_peak_*_mib`` per epoch (CUDA peak, process RSS).
 * :class:`RunSummary`: a rich table at the end of ``fit`` and ``test``.
 * :class:`TensorBoardHParams`: the HPARAMS tab of TensorBoard, without ``hp_metric``.
@@ -8,7 +9,8 @@
 * :class:`LastCheckpoint`: ``last.ckpt`` = the latest state (every epoch, on SIGTERM, ...).
 * :class:`BestCheckpoint`: the best checkpoint by a metric, ties going to the later epoch.
 * :class:`CompactModelSummary`: Lightning's model summary without empty columns and rows.
-* :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``.
+* :class:`ProgressBar`: Lightning's rich progress bar without ``v_num``; one line per epoch
+  and per checkpoint saved where standard output is a file or a pipe.
 * :class:`PredictionWriter`: ``predict``'s probabilities and classes to a CSV or tensor file.
 * :class:`ChannelsLast`: convolution weights in channels-last layout (faster convolutions).
 """

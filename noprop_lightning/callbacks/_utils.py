@@ -56,8 +56,10 @@ def batch_size_of(batch: Any, batch_size_fn: BatchSizeFn | None = None) -> int:
 def log_scalars(pl_module: L.LightningModule, values: dict[str, float], stage: str) -> None:
     """Write already-reduced epoch-level scalars to the trainer's loggers.
 
-    Straight to the loggers, at the step and with the ``epoch`` value Lightning uses for its
-    own epoch-level metrics of ``stage`` (``"train"``: the epoch's last step), not through
+    Straight to the loggers (their public ``log_metrics``), at the step and with the
+    ``epoch`` value Lightning uses for its own epoch-level metrics of ``stage``
+    (``trainer.global_step``, which counts batches that stepped in every module of the
+    package; ``"train"``: the epoch's last step), not through
     ``LightningModule.log``: measurements of the run (times, memory) then stay out of the
     printed test table and out of the dict ``trainer.test()`` returns, which hold the
     evaluation metrics only. (The callbacks also put them in ``callback_metrics`` themselves,
@@ -67,8 +69,10 @@ def log_scalars(pl_module: L.LightningModule, values: dict[str, float], stage: s
     trainer = pl_module.trainer
     if not values or not trainer.loggers:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = trainer.global_step
     if stage == "train":
         step = max(step - 1, 0)
     metrics = {**{k: float(v) for k, v in values.items()}, "epoch": float(trainer.current_epoch)}
-    trainer._logger_connector.log_metrics(metrics, step=step)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+        logger.save()

@@ -20,8 +20,10 @@ from noprop_lightning.metric_names import (
     PEAK_QUANTITIES,
     PEAK_RSS_MIB,
     REPORTED_PEAKS,
+    TEST_ACC,
     TEST_EPOCH_TIME,
     TEST_THROUGHPUT,
+    VAL_ACC,
     peak_memory,
 )
 
@@ -130,7 +132,7 @@ class RunSummary(Callback):
     """
 
     def __init__(
-        self, val_metric: str = "val/acc", test_metric: str = "test/acc", title: str | None = None
+        self, val_metric: str = VAL_ACC, test_metric: str = TEST_ACC, title: str | None = None
     ) -> None:
         super().__init__()
         self.val_metric = val_metric

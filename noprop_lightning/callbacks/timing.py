@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -16,7 +17,13 @@ from noprop_lightning.callbacks._utils import (
     reduce_across_ranks,
     synchronize,
 )
-from noprop_lightning.metric_names import Stage, epoch_time, throughput
+from noprop_lightning.metric_names import (
+    EPOCH_METRICS,
+    Stage,
+    by_epoch,
+    epoch_time,
+    throughput,
+)
 
 
 class _Stopwatch:
@@ -81,14 +88,37 @@ class EpochTimer(Callback):
     dicts with keys ``epoch``, ``train_epoch_s``, ``train_samples``,
     ``train_samples_per_s`` and, when a validation ran in that epoch, ``val_epoch_s``.
 
+    **Epoch-indexed view.** Lightning logs at the global step, so runs with other batch
+    sizes or dataset sizes do not line up. At the end of each training epoch the timer also
+    logs, with the epoch (from 0) as the step, ``epoch/<tag>`` copies
+    (:func:`~noprop_lightning.metric_names.by_epoch`) of the ``epoch_view`` metrics (the
+    validation ones, whose names start with ``val``, as the epoch's last validation left
+    them, and only in an epoch that validated) and of its own training time, throughput
+    and validation time: ``epoch/train/loss``, ``epoch/val/acc``,
+    ``epoch/time/train_epoch_s`` ... TensorBoard then compares runs by epoch (the step
+    axis) and by wall time (its relative axis). Written through each logger's
+    ``log_metrics`` (every logger the trainer has; a CSV logger gets rows whose ``step`` is
+    the epoch); :attr:`epoch_logged` holds the last values written.
+
     Args:
         batch_size_fn: Returns the number of samples of a batch; by default the first
             dimension of the first tensor found in the batch.
+        epoch_view: The module's epoch-level metrics to log again by epoch, where logged
+            (the package's modules: ``train/loss``, ``val/loss``, ``val/acc``); an empty
+            list logs the times alone, ``None`` no epoch-indexed view at all.
     """
 
-    def __init__(self, batch_size_fn: BatchSizeFn | None = None) -> None:
+    def __init__(
+        self,
+        batch_size_fn: BatchSizeFn | None = None,
+        epoch_view: Sequence[str] | None = EPOCH_METRICS,
+    ) -> None:
         super().__init__()
         self.batch_size_fn = batch_size_fn
+        self.epoch_view = None if epoch_view is None else tuple(epoch_view)
+        #: The epoch-indexed values last written (``epoch/val/acc`` ...).
+        self.epoch_logged: dict[str, float] = {}
+        self._validated: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         #: The last value written of every key (``time/val_epoch_s`` ...), after reduction.
         self.logged: dict[str, float] = {}
@@ -106,6 +136,7 @@ class EpochTimer(Callback):
         synchronize(pl_module)
         self._train_samples = 0
         self._val_seconds_this_epoch = None
+        self._validated = {}
         self._epoch_started = True
         self._train.restart()
 
@@ -121,9 +152,11 @@ class EpochTimer(Callback):
         self._train_samples += batch_size_of(batch, self.batch_size_fn)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Stop the training clock and log ``time/train_epoch_s`` and the throughput."""
+        """Stop the training clock, log ``time/train_epoch_s``, the throughput, the epoch view."""
         if not self._epoch_started:
-            # Resumed from a mid-epoch checkpoint: the epoch's start was never timed.
+            # Resumed from a mid-epoch checkpoint: the epoch's start was never timed (and
+            # its means hold only the batches after the resume): nothing to report.
+            self._validated = {}
             return
         self._epoch_started = False
         seconds, samples, rate = self._stop_and_log(
@@ -138,6 +171,10 @@ class EpochTimer(Callback):
         if self._val_seconds_this_epoch is not None:
             record["val_epoch_s"] = self._val_seconds_this_epoch
         self.history.append(record)
+        times = {epoch_time("train"): seconds, throughput("train"): rate}
+        if self._val_seconds_this_epoch is not None:
+            times[epoch_time("val")] = self._val_seconds_this_epoch
+        self._log_epoch_view(trainer, times)
 
     # ------------------------------------------------------------------ validation
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -176,6 +213,11 @@ class EpochTimer(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Resume the training clock after a validation inside a training epoch."""
+        if self._paused_for_validation and self.epoch_view:
+            # This validation's metrics, for the epoch view at the end of the epoch.
+            metrics = trainer.callback_metrics
+            names = [n for n in self.epoch_view if n.startswith("val") and n in metrics]
+            self._validated = {n: float(metrics[n]) for n in names}
         if self._paused_for_validation:
             self._paused_for_validation = False
             self._train.resume()
@@ -202,6 +244,26 @@ class EpochTimer(Callback):
         self._finish_eval(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ helpers
+    def _log_epoch_view(self, trainer: L.Trainer, times: dict[str, float]) -> None:
+        """Log the epoch's metrics and ``times`` as ``epoch/<tag>`` at step = the epoch."""
+        if self.epoch_view is None:
+            return
+        metrics = trainer.callback_metrics
+        values = {
+            name: float(metrics[name])
+            for name in self.epoch_view
+            if not name.startswith("val") and name in metrics
+        }
+        values.update(self._validated)
+        values.update(times)
+        self._validated = {}
+        view = {by_epoch(name): value for name, value in values.items()}
+        self.epoch_logged = view
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(view, step=trainer.current_epoch)
+                logger.save()
+
     def _start_eval(self, pl_module: L.LightningModule) -> None:
         synchronize(pl_module)
         self._eval_samples = 0
