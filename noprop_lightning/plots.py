@@ -24,7 +24,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from noprop_lightning.metric_names import REPORTED_PEAKS, TRAIN_EPOCH_TIME, peak_memory
+from noprop_lightning.metric_names import (
+    REPORTED_PEAKS,
+    TRAIN_BLOCK_PREFIX,
+    TRAIN_EPOCH_TIME,
+    TRAIN_LOSS,
+    TRAIN_LOSS_EPOCH,
+    VAL_ACC,
+    VAL_LOSS,
+    peak_memory,
+)
 from noprop_lightning.runs import Run, loss_tag
 
 #: The training objective each method logs as ``train/loss``.
@@ -35,7 +44,7 @@ LOSS_MEANING = {
     "Backprop": "cross-entropy",
 }
 
-BLOCK_PREFIX = "train/loss_block_"
+BLOCK_PREFIX = TRAIN_BLOCK_PREFIX
 
 
 @dataclass(frozen=True)
@@ -49,27 +58,26 @@ class PlotSpec:
 
 
 PLOTS = (
-    PlotSpec("val_acc.png", "Validation accuracy", "accuracy (%)", ("val/acc",)),
+    PlotSpec("val_acc.png", "Validation accuracy", "accuracy (%)", (VAL_ACC,)),
     PlotSpec(
         "val_acc_vs_time.png",
         "Validation accuracy vs training time",
         "accuracy (%)",
-        ("val/acc", TRAIN_EPOCH_TIME),
+        (VAL_ACC, TRAIN_EPOCH_TIME),
     ),
     PlotSpec(
         "train_loss.png",
         "Training loss, epoch mean (each method's own objective)",
         "loss",
-        ("train/loss_epoch", "train/loss"),
+        (TRAIN_LOSS_EPOCH, TRAIN_LOSS),
     ),
-    PlotSpec(
-        "block_losses.png", "NoProp-DT: each block's loss, epoch mean", "loss", (BLOCK_PREFIX,)
-    ),
+    # No method in the title: each panel is titled with its run's label ("NoProp-DT", ...).
+    PlotSpec("block_losses.png", "Each block's loss, epoch mean", "loss", (BLOCK_PREFIX,)),
     PlotSpec(
         "val_loss.png",
         "Validation cross-entropy of the predictions",
         "cross-entropy",
-        ("val/loss",),
+        (VAL_LOSS,),
     ),
     PlotSpec(
         "epoch_time.png",
@@ -195,7 +203,7 @@ def accuracy_over_time(run: Run) -> tuple[list[float], list[float]]:
     epochs, times = run.by_epoch(TRAIN_EPOCH_TIME)
     elapsed = dict(zip(epochs, accumulate(times), strict=True))
     xs, ys = [], []
-    for epoch, acc in zip(*run.by_epoch("val/acc"), strict=True):
+    for epoch, acc in zip(*run.by_epoch(VAL_ACC), strict=True):
         if epoch in elapsed:
             xs.append(elapsed[epoch])
             ys.append(100.0 * acc)

@@ -5,10 +5,14 @@ attribute is missing (the model then trains with its default of 10 classes) and 
 a value the user gave the model. :class:`DataLinks` links the whole data module instead and
 decides itself: the data module's value wins when it has one, an explicit model value is
 used when it has not, and a disagreement or a value known to neither is an ``error:``.
+
+:func:`link_data_properties` gives a plain ``LightningCLI`` subclass the same links in one
+line.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,4 +66,39 @@ class DataLinks:
             f"the data module {data_name} has no `{name}`, which the model needs (the CLI "
             f"links num_classes, in_channels and image_size from the data module). Give "
             f"{data_name} a `{name}` attribute or property, or set --model.init_args.{name}."
+        )
+
+
+def link_data_properties(parser: Any, model: str = "model.init_args") -> None:
+    """Link the data module's ``num_classes``, ``in_channels`` and ``image_size`` into the model.
+
+    For your own ``LightningCLI`` subclass, one line in ``add_arguments_to_parser``::
+
+        class MyCLI(LightningCLI):
+            def add_arguments_to_parser(self, parser):
+                link_data_properties(parser)
+
+    The values are read from the instantiated data module (``apply_on="instantiate"``), so a
+    config states them once, in the data. Unlike ``parser.link_arguments("data.num_classes",
+    ...)``, which skips a link whose attribute is missing (the model would then train with its
+    default), a data module without one of the three stops the command with an error naming
+    it (a :class:`~noprop_lightning.errors.ConfigurationError`, which jsonargparse passes on
+    inside a ``ValueError``). The linked model
+    arguments cannot be given in the config (jsonargparse's rule for link targets); the
+    package's own CLI (:class:`~noprop_lightning.cli.NoPropCLI`) also accepts a model value
+    where the data module has none.
+
+    Args:
+        parser: The ``LightningArgumentParser`` of ``add_arguments_to_parser``.
+        model: Where the model's arguments are: ``"model.init_args"`` when the model is given
+            by ``class_path`` (a ``LightningCLI`` without a model class, or with
+            ``subclass_mode_model=True``), ``"model"`` for a fixed model class.
+    """
+    links = DataLinks(accepted=LINKED_DATA_PROPERTIES)
+    for name in LINKED_DATA_PROPERTIES:
+        parser.link_arguments(
+            "data",
+            f"{model}.{name}",
+            compute_fn=functools.partial(links.value, name),
+            apply_on="instantiate",
         )
