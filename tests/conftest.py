@@ -1,8 +1,11 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the check that the fast lane starts no process."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 # Tiny nets on a small CPU: one intra-op thread per process is as fast or faster, and far
@@ -12,7 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from fakedata import write_fake_cifar10, write_fake_cifar100, write_fake_mnist  # noqa: E402
+
+from tests.fakedata import write_fake_cifar10, write_fake_cifar100, write_fake_mnist  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -75,3 +79,78 @@ def _argv_of_a_bare_command(monkeypatch):
     """Tests call the CLI with explicit args; pytest's own ``sys.argv`` would make Lightning
     warn that both were given (as it should for a real command line)."""
     monkeypatch.setattr("sys.argv", ["noprop-lightning"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fast lane first, then the ``slow`` tests (each in collection order): a full run
+    shows a quick test's failure within its first minutes, not after the process tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+#: Python processes a running fast-lane test started (``None`` while none runs).
+_started: list[str] | None = None
+#: Third-party modules whose quick probes do not count: typeshed_client (used by
+#: jsonargparse) asks a bare ``python -c`` for its ``sys.path``, once per process.
+HARMLESS_CALLERS = ("typeshed_client",)
+
+
+def _note_fork() -> None:
+    if _started is not None:
+        _started.append("os.fork() (multiprocessing, DataLoader workers)")
+
+
+os.register_at_fork(before=_note_fork)
+
+
+def _is_python(program: object) -> bool:
+    name = Path(os.fsdecode(program)).name if isinstance(program, (str, bytes, os.PathLike)) else ""
+    return program == sys.executable or name.startswith("python")
+
+
+def _caller_module() -> str:
+    """The module that called into ``subprocess`` (the first frame outside it)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") in ("subprocess", __name__):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
+@pytest.fixture(autouse=True)
+def _fast_lane_starts_no_process(request, monkeypatch):
+    """A test not marked ``slow`` fails if it starts a Python process or forks.
+
+    Starting a Python process costs seconds (importing torch and Lightning again), so such a
+    test belongs to the slow lane (``pytest -m slow``; see the README's Tests section). The
+    check sees what ``subprocess.Popen`` starts (the test's own calls, and the package's,
+    e.g. ``compare``'s child runs) and ``os.fork``; ``tests/test_slow_markers.py`` finds the
+    same in the source, skipped tests included. Other programs (``mount``, ``ip``) are fine.
+    """
+    global _started
+    if request.node.get_closest_marker("slow") is not None:
+        yield
+        return
+    started: list[str] = []
+    popen_init = subprocess.Popen.__init__
+
+    def noting_init(self, args, *rest, **kwargs):
+        if isinstance(args, str):
+            argv = shlex.split(args)
+        else:
+            argv = [args] if isinstance(args, (bytes, os.PathLike)) else list(args)
+        program = kwargs.get("executable") or (argv[0] if argv else "")
+        if _is_python(program) and not _caller_module().startswith(HARMLESS_CALLERS):
+            started.append(" ".join(map(str, argv))[:300])
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", noting_init)
+    _started = started
+    try:
+        yield
+    finally:
+        _started = None
+    if started:
+        pytest.fail(
+            "this test started a process, so it must be marked slow (@pytest.mark.slow):\n"
+            + "\n".join(started),
+            pytrace=False,
+        )

@@ -25,6 +25,7 @@ def tiny_config(tmp_path: Path, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_runs_both_configs_and_writes_json(fake_mnist_dir, tmp_path):
     configs = [tiny_config(tmp_path, n) for n in ("noprop_mnist_small", "backprop_mnist_small")]
     out = tmp_path / "result.json"
@@ -45,6 +46,7 @@ def test_time_to_accuracy_runs_both_configs_and_writes_json(fake_mnist_dir, tmp_
     assert 0.0 <= rows[0]["test_acc_stochastic"] <= 1.0
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_error_line(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--data-dir", str(tmp_path / "none"), "--budget", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -55,6 +57,7 @@ def test_missing_data_is_one_error_line(tmp_path):
 REPRODUCE = ROOT / "benchmarks" / "reproduce_paper.py"
 
 
+@pytest.mark.slow
 def test_paper_protocol_on_digits_end_to_end(tmp_path):
     """Every method, 2 seeds, the whole training split, final weights: a Table 1 table."""
     cmd = [sys.executable, str(REPRODUCE), "--dataset", "digits", "--seeds", "2", "--epochs", "1"]
@@ -88,6 +91,7 @@ def test_paper_protocol_on_digits_end_to_end(tmp_path):
     assert "Configs: backprop_digits.yaml, noprop_digits.yaml" in table
 
 
+@pytest.mark.slow
 def test_paper_protocol_refuses_a_dataset_without_configs(tmp_path):
     cmd = [sys.executable, str(REPRODUCE), "--dataset", "svhn", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -100,6 +104,7 @@ def test_paper_protocol_refuses_a_dataset_without_configs(tmp_path):
     assert last.startswith("error: no shipped config backprop_mnist_tpu.yaml"), last
 
 
+@pytest.mark.slow
 def test_training_benchmark_counts_flops_against_a_measured_ceiling(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -148,6 +153,7 @@ def test_scripts_keep_only_the_callbacks_that_change_training():
 EXPORT = ROOT / "benchmarks" / "bench_export.py"
 
 
+@pytest.mark.slow
 def test_export_benchmark_times_every_engine_and_writes_json(tmp_path):
     """A tiny model (T=2, 8x8 images): eager, exported and, when installed, ONNX Runtime."""
     import importlib
@@ -220,6 +226,7 @@ def test_memory_benchmark_checks_each_stage_against_its_target():
     assert bench_memory.rows(result, [1, 2, 4])[0]["k4_met"]
 
 
+@pytest.mark.slow
 def test_inference_benchmark_times_validation_and_writes_json(tmp_path):
     out = tmp_path / "inference.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_inference.py"), "--devices", "1"]

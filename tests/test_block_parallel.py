@@ -34,37 +34,14 @@ from noprop_lightning.distributed.checkpoint import block_of_key
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.merge import main as merge_main
 from noprop_lightning.merge import merge_checkpoints
-from tests.helpers import TINY, equal
+from tests.helpers import BLOCK_PARALLEL, TINY, equal, load, run_job
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "tests" / "parallel_job.py"
-BLOCK_PARALLEL = ["--devices", "2", "--strategy", "block_parallel"]
 #: The model of tests/parallel_job.py.
 TINY_FOR_JOB = {"num_classes": 4, "in_channels": 1, "image_size": 8}
 TINY_FOR_JOB["network"] = {"channels": (4, 4, 4), "hidden": 16}
-
-
-def run_job(out: Path, *args: str, killed: bool = False) -> None:
-    """Run tests/parallel_job.py; it must succeed (or, ``killed``, be killed in a save)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(JOB), str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=out.parent,
-    )
-    if killed:
-        assert result.returncode != 0, "the job was to be killed during a save"
-    else:
-        assert result.returncode == 0, result.stderr[-3000:]
-
-
-def load(out: Path, rank: int = 0) -> dict:
-    return torch.load(out / f"rank{rank}.pt", weights_only=False)
 
 
 def ckpt(out: Path) -> dict:
@@ -195,8 +172,7 @@ def test_separate_jobs_merge_into_the_one_process_model(runs, tmp_path):
     model = NoPropModule.load_from_checkpoint(out)
     assert model.layout.is_full
     # The merged model's test accuracy is the one-process model's.
-    sys.path.insert(0, str(JOB.parent))
-    from parallel_job import data
+    from tests.parallel_job import data
 
     x, y = data(32, 2).tensors
     acc = float((model.eval().predict_logits(x).argmax(-1) == y).float().mean())

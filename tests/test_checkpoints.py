@@ -24,7 +24,7 @@ from noprop_lightning.callbacks import atomic as atomic_module
 from noprop_lightning.cli import main
 from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
 from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from tests.helpers import TINY, frozen_noprop, tiny_batch, tiny_loader, tiny_trainer
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,23 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def frozen_noprop() -> NoPropModule:
-    """A model whose validation accuracy cannot change: a learning rate of 1e-30 leaves every
-    weight as it is (the step rounds away), and BatchNorm's running statistics are frozen
-    (momentum 0), so deterministic inference gives the same predictions every epoch."""
-    module = NoPropModule(
-        **TINY,
-        num_blocks=2,
-        inference="deterministic",
-        optimizer=lambda params: torch.optim.SGD(params, lr=1e-30),
-    )
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms, "the tiny network changed: freeze whatever else carries state"
-    for norm in norms:
-        norm.momentum = 0.0
-    return module
 
 
 def test_last_ckpt_is_the_latest_epoch_even_when_val_acc_stalls(tmp_path):
@@ -187,6 +170,7 @@ class StepFile(L.Callback):
         Path(self.path).write_text(str(batch_idx + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "signum, status, said",
     [
@@ -279,6 +263,7 @@ def test_a_changed_learning_rate_under_a_scheduler_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------- run folders
+@pytest.mark.slow
 def test_a_fit_given_a_taken_version_folder_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(small_run("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"))
@@ -307,6 +292,7 @@ def test_two_comparisons_in_the_same_second_get_their_own_folders(tmp_path):
 
 
 # ---------------------------------------------------------------------- --ckpt_path last/best
+@pytest.mark.slow
 def test_named_checkpoints_resolve_to_the_latest_run(tmp_path, monkeypatch, capsys):
     """In a fresh process Lightning would test untrained weights for `last` (after a
     warning) and fail with a traceback for `best`; here they name the latest run's files."""

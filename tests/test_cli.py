@@ -37,6 +37,7 @@ def test_every_config_is_covered():
     assert "quickstart" in names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_config_fit_fast_dev_run(config, fake_data_dirs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs land in tmp_path/lightning_logs
@@ -84,6 +85,7 @@ def test_print_config_runs(capsys):
     assert "NoPropModule" in out and "num_blocks: 10" in out
 
 
+@pytest.mark.slow
 def test_validate_and_test_subcommands(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = Path(__file__).parents[1] / "configs" / "quickstart.yaml"

@@ -15,7 +15,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fakedata import write_fake_cifar10, write_fake_mnist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,41 +27,11 @@ from noprop_lightning import (
 )
 from noprop_lightning.cli import condense_parser_message, main
 from noprop_lightning.errors import CheckpointError, ConfigurationError, TrainingDivergedError
-from tests.helpers import TINY, tiny_batch
+from tests.fakedata import write_fake_cifar10, write_fake_mnist
+from tests.helpers import QUICK, TINY, run_main, tiny_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-QUICK = [
-    "fit",
-    "--config",
-    str(CONFIGS / "quickstart.yaml"),
-    "--model.init_args.num_blocks",
-    "2",
-    "--model.init_args.network.channels",
-    "[4,4,4]",
-    "--model.init_args.network.hidden",
-    "16",
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.logger",
-    "false",
-    "--trainer.callbacks",
-    "[]",
-    "--trainer.enable_checkpointing",
-    "false",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--test_after_fit",
-    "false",
-]
 MNIST_SMALL = [*QUICK[:2], str(CONFIGS / "noprop_mnist_small.yaml"), *QUICK[3:]]
 
 
@@ -73,17 +42,6 @@ def _fast_and_isolated(tmp_path, monkeypatch):
     torch.set_num_threads(1)  # tiny nets; a busy 2-core machine makes thread pools crawl
     yield
     torch.set_num_threads(threads)
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    """Run the CLI in-process; return the exit status and the ``error:`` paragraph."""
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-2000:]
-    return info.value.code, errors[0]
 
 
 def write_yaml_typo(tmp_path: Path) -> Path:
@@ -226,6 +184,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [case[1:] for case in BAD_INPUTS],
@@ -341,6 +300,7 @@ def test_truncated_or_missing_checkpoint_via_cli(quick_checkpoint, tmp_path, cap
     assert "does not exist" in error
 
 
+@pytest.mark.slow
 def test_plain_torch_save_files_are_not_lightning_checkpoints(quick_checkpoint, tmp_path, capsys):
     state_dict = torch.load(quick_checkpoint, weights_only=True)["state_dict"]
     tensor, plain = tmp_path / "tensor.pt", tmp_path / "weights.pt"
@@ -560,6 +520,7 @@ def test_random_block_order_under_ddp_needs_unused_parameter_detection(single_pr
 
 
 # ---------------------------------------------------------------------- real subprocess
+@pytest.mark.slow
 def test_python_cli_py_exit_status_and_stderr(tmp_path):
     """The real entry point, for an error raised deep inside ``Trainer.fit`` (the in-process
     tests above cover the other cases: ``cli.py`` is only ``main()``)."""

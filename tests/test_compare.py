@@ -68,6 +68,7 @@ def saved_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_compare_mnist_end_to_end(tmp_path, fake_mnist_dir):
     result, text = run_compare(
         tmp_path, "mnist", fake_mnist_dir, "--size", "small", "--execution", "sequential"
@@ -106,6 +107,7 @@ def test_compare_mnist_end_to_end(tmp_path, fake_mnist_dir):
     assert "Accuracy (test): NoProp-DT" in text and "Budget: 1 epoch(s) each" in text
 
 
+@pytest.mark.slow
 def test_compare_cifar10_end_to_end(tmp_path, fake_cifar10_dir):
     result, _ = run_compare(tmp_path, "cifar10", fake_cifar10_dir)
     assert [r.label for r in result.runs] == ["NoProp-DT", "Backprop"]
@@ -115,6 +117,7 @@ def test_compare_cifar10_end_to_end(tmp_path, fake_cifar10_dir):
     assert len(result.figures) == 7
 
 
+@pytest.mark.slow
 def test_failed_child_run_is_reported(tmp_path, capfd):
     """The default path: each run in its own Python process; a failing run stops compare."""
     empty = tmp_path / "no_data"

@@ -134,6 +134,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"noprop-lightning {__version__}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "prog"),
     [

@@ -241,6 +241,7 @@ def test_sinusoidal_time_embedding_values():
 
 
 # ---------------------------------------------------------------- modules
+@pytest.mark.slow
 @pytest.mark.parametrize(("make", "epochs"), [(make_ct, 80), (make_fm, 40)])
 def test_training_learns_a_separable_problem(make, epochs):
     """MLP encoder: on tiny 8x8 inputs the 4-channel conv stack without BN often dies."""

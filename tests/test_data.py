@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from fakedata import write_fake_cifar10, write_fake_mnist, write_idx
 from torch.utils.data import SequentialSampler
 
 from noprop_lightning.data import (
@@ -23,6 +22,7 @@ from noprop_lightning.data import (
 )
 from noprop_lightning.data.sampling import ResumableSampler, drop_single_sample_batch
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError
+from tests.fakedata import write_fake_cifar10, write_fake_mnist, write_idx
 
 MNIST_FILES = [
     "train-images-idx3-ubyte",

@@ -8,25 +8,12 @@ file; the test compares the ranks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
 
-import lightning as L
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-TINY_NOPROP = [
-    "--model.init_args.network.channels",
-    "[4,4,4]",
-    "--model.init_args.network.hidden",
-    "16",
-]
-TINY_NOPROP += ["--model.init_args.num_blocks", "3"]
+from tests.helpers import TINY_NOPROP, assert_same, ddp_args, run_cli
+
 TINY_BACKPROP = [
     "--model",
     json.dumps(
@@ -36,124 +23,6 @@ TINY_BACKPROP = [
         }
     ),
 ]
-
-
-class RankStateDump(L.Callback):
-    """Writes ``rank<k>.pt`` with what the DDP test compares across processes.
-
-    Args:
-        out_dir: Folder for the per-rank files.
-    """
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-        self.losses: list[float] = []
-        self.sizes: list[int] = []
-        self.first_labels: list[int] = []
-        self.first_grads: dict[str, torch.Tensor] | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(float(loss.detach()))
-        self.sizes.append(len(batch[1]))
-        if not self.first_labels:
-            self.first_labels = batch[1].tolist()
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.first_grads is None:
-            self.first_grads = {
-                name: p.grad.detach().clone()
-                for name, p in pl_module.named_parameters()
-                if p.grad is not None
-            }
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "rank": trainer.global_rank,
-            "world_size": trainer.world_size,
-            "strategy": type(trainer.strategy).__name__,
-            "global_step": trainer.global_step,
-            "params": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
-            "buffers": {k: v.detach().clone() for k, v in pl_module.named_buffers()},
-            "optimizers": [opt.state_dict() for opt in trainer.optimizers],
-            "first_grads": self.first_grads,
-            "losses": self.losses,
-            "sizes": self.sizes,
-            "first_labels": self.first_labels,
-            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        }
-        torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python cli.py ARGS`` in a subprocess (the DDP launcher re-runs it for rank 1)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def ddp_args(out_dir: Path, strategy: str = "ddp") -> list[str]:
-    # Imported by class path in the subprocesses (the repository root is on PYTHONPATH).
-    callback = {
-        "class_path": "tests.test_ddp.RankStateDump",
-        "init_args": {"out_dir": str(out_dir)},
-    }
-    return [
-        "fit",
-        "--config",
-        str(QUICKSTART),
-        "--trainer.strategy",
-        strategy,
-        "--trainer.devices",
-        "2",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.num_sanity_val_steps",
-        "0",
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_checkpointing",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.callbacks",
-        json.dumps([callback]),
-        "--data.init_args.batch_size",
-        "16",
-        "--test_after_fit",
-        "false",
-    ]
-
-
-def assert_same(a: Any, b: Any, where: str) -> None:
-    """Exact equality of nested tensors / containers / numbers."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def run(method: str, seed: int) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["noprop", "backprop"])
 def test_two_seeded_deterministic_runs_are_identical(method):
     first, second = run(method, seed=7), run(method, seed=7)

@@ -30,7 +30,7 @@ from noprop_lightning.cli.folders import place_run, starting_checkpoint
 from noprop_lightning.distributed import elastic, read_checkpoint
 from noprop_lightning.distributed.checkpoint import checkpoint_exists
 from noprop_lightning.errors import ConfigurationError
-from tests.test_resume import differences
+from tests.helpers import differences
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"

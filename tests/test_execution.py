@@ -36,7 +36,17 @@ from noprop_lightning.execution import (
     build_executor,
 )
 from noprop_lightning.objectives import DTBatch
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_network, tiny_trainer
+from tests.helpers import (
+    TINY,
+    TINY_NOPROP,
+    assert_same,
+    ddp_args,
+    run_cli,
+    tiny_batch,
+    tiny_loader,
+    tiny_network,
+    tiny_trainer,
+)
 
 RTOL, ATOL = 1e-9, 1e-12
 
@@ -489,8 +499,6 @@ def test_command_line_rejects_unknown_execution(tmp_path, monkeypatch, capsys):
 def test_ddp_ranks_stay_in_sync_on_every_path(extra, tmp_path):
     """``backward=False`` under real DDP (2 CPU processes, gloo): ranks see different data
     but identical all-reduced gradients, parameters and optimizer states."""
-    from tests.test_ddp import TINY_NOPROP, assert_same, ddp_args, run_cli
-
     result = run_cli([*ddp_args(tmp_path / "dump"), *TINY_NOPROP, *extra], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))

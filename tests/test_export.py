@@ -94,6 +94,7 @@ def test_backprop_program_equals_predict_logits(architecture):
         torch.testing.assert_close(program_logits(program, x), expected, **EXACT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("cls", "sampler", "steps", "extra"),
     [

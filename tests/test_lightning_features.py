@@ -9,7 +9,7 @@ from lightning.pytorch.tuner import Tuner
 from noprop_lightning import BackpropModule, NoPropModule
 from noprop_lightning.cli import main
 from noprop_lightning.errors import ConfigurationError
-from tests.helpers import TINY, tiny_loader, tiny_trainer
+from tests.helpers import TINY, frozen_noprop, tiny_loader, tiny_trainer
 
 VAL = tiny_loader(n=8, seed=1)
 
@@ -89,6 +89,7 @@ trainer.save_checkpoint(sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_an_encoder_defined_in_the_training_script_warns_and_fails_clearly_at_load(tmp_path):
     import subprocess
     import sys
@@ -106,14 +107,13 @@ def test_an_encoder_defined_in_the_training_script_warns_and_fails_clearly_at_lo
     assert result.stderr.count("__main__.MyEncoder is defined in the script being run") == 1
     assert "Move the class into an importable module" in result.stderr
     with pytest.raises(ConfigurationError, match="defined in the script that trained the model"):
-        NoPropModule.load_from_checkpoint(checkpoint)
+        NoPropModule.load_from_checkpoint(checkpoint, trusted_encoders=["__main__.MyEncoder"])
 
 
 def test_best_checkpoint_keeps_the_later_of_equal_epochs_and_never_a_nan(tmp_path):
     from pathlib import Path
 
     from noprop_lightning.callbacks import BestCheckpoint
-    from tests.test_checkpoints import frozen_noprop
 
     best = BestCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max", filename="{epoch}")
     trainer = tiny_trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[best])

@@ -164,7 +164,8 @@ def test_custom_encoder_class_round_trips_through_a_checkpoint(tmp_path):
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(module, tiny_loader())
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    loaded = NoPropModule.load_from_checkpoint(tmp_path / "m.ckpt")  # weights_only, no arguments
+    name = module.hparams.network["encoder"]  # a checkpoint's encoder is imported if trusted
+    loaded = NoPropModule.load_from_checkpoint(tmp_path / "m.ckpt", trusted_encoders=[name])
     assert isinstance(loaded.blocks[0].image_path, ModuleLevelEncoder)
     x, _ = tiny_batch()
     torch.testing.assert_close(loaded.eval().predict_logits(x), module.eval().predict_logits(x))

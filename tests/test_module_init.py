@@ -208,7 +208,7 @@ def test_hparams_are_pinned(name):
     assert items(module.hparams) == items(expected)
     assert items(module.hparams_initial) == items(expected)
     assert module._hparams_name == "kwargs"
-    assert module._log_hyperparams is False  # TensorBoardHParams logs them
+    assert module._log_hyperparams is True  # Lightning logs them (or TensorBoardHParams)
 
 
 @pytest.mark.parametrize("cls", list(PINNED_DEFAULTS), ids=lambda c: c.__name__)

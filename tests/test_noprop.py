@@ -129,6 +129,7 @@ def test_inference_never_touches_labels():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_training_learns_a_separable_problem():
     torch.manual_seed(0)
     m = make(num_blocks=2, inference="deterministic", optimizer=fast_adam)

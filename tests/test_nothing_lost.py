@@ -19,8 +19,7 @@ from noprop_lightning import NoPropModule
 from noprop_lightning.callbacks import AtomicCheckpointIO, LastCheckpoint, atomic
 from noprop_lightning.errors import CheckpointError
 from noprop_lightning.merge import main as merge_main
-from tests.helpers import TINY, tiny_loader, tiny_trainer
-from tests.test_cli_errors import QUICK, run_main
+from tests.helpers import QUICK, TINY, run_main, tiny_loader, tiny_trainer
 
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,7 @@ def test_bfloat16_block_outputs_are_computed_in_float32():
     assert uhat.grad is not None and uhat.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_every_kernel_runs_and_parallel_kernels_use_numba_threads():
     """A fresh interpreter, default settings, tensors above ``PARALLEL_MIN_ELEMENTS``: each of
     the six kernels runs in its ``parallel=True`` variant (none falls back to the serial one

@@ -57,6 +57,7 @@ def stochastic_checkpoint(tmp_path) -> Path:
     return tmp_path / "ckpt" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_cli_test_with_another_inference_mode_uses_it(stochastic_checkpoint):
     """``test --ckpt_path X --model.init_args.inference deterministic`` evaluates deterministically
     (the checkpoint's ``stochastic`` no longer wins), and the accuracy is the deterministic one."""

@@ -11,12 +11,10 @@ group reach the ranks unevenly on a busy machine.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,27 +22,20 @@ import lightning as L
 import pytest
 
 from noprop_lightning.distributed import read_checkpoint
+from tests.helpers import (
+    GONE_WITHIN,
+    finish,
+    fit_args,
+    kill_group,
+    start,
+    wait_for_batches,
+    wait_for_text,
+)
 from tests.load import cpu_load
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Seconds every process has to be gone after the signal.
-GONE_WITHIN = 30.0
-
-
-class RankProgress(L.Callback):
-    """Writes ``rank<r>.json`` (pid, finished batches, global step) after every batch."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"pid": os.getpid(), "batches": batch_idx + 1, "step": trainer.global_step}
-        target = self.folder / f"rank{trainer.global_rank}.json"
-        target.with_suffix(".tmp").write_text(json.dumps(state))
-        target.with_suffix(".tmp").replace(target)
 
 
 class SlowEvaluation(L.Callback):
@@ -85,119 +76,11 @@ class HoldFirstValidation(L.Callback):
             time.sleep(0.05)  # a signal interrupts the sleep: its handler runs at once
 
 
-def fit_args(strategy: str, progress: Path, *extra: str) -> list[str]:
-    callback = {"class_path": "tests.test_signals.RankProgress",
-                "init_args": {"folder": str(progress)}}  # fmt: skip
-    args = ["fit", "--config", "quickstart", "--model.init_args.num_blocks", "3"]
-    args += ["--model.init_args.network.channels", "[4,4,4]"]
-    args += ["--model.init_args.network.hidden", "16", "--data.init_args.batch_size", "8"]
-    args += ["--trainer.strategy", strategy, "--trainer.devices", "2"]
-    args += ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "50"]
-    args += ["--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]
-    args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    args += ["--trainer.logger.init_args.name", "run", "--test_after_fit", "false"]
-    args += ["--trainer.callbacks+", json.dumps(callback), *extra]
-    return args
-
-
-def start(tmp_path: Path, args: list[str], log: Path | None = None) -> subprocess.Popen:
-    """Start the CLI in its own process group; every rank's stderr goes to a pipe, or to ``log``."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    stderr = open(log, "wb") if log is not None else subprocess.PIPE
-    try:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), *args],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,  # its own process group: os.killpg reaches both ranks
-        )
-    finally:
-        if log is not None:
-            stderr.close()
-
-
 @pytest.fixture
 def loaded_machine():
     """Three busy loops at ``nice 10`` beside the test, ended with it (at most 600 s each)."""
     with cpu_load(processes=3, nice=10) as procs:
         yield procs
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL every process of the run that is left (the group may be gone already)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z"
-
-
-def wait_for_batches(proc: subprocess.Popen, progress: Path, batches: int) -> dict[int, dict]:
-    """Both ranks' progress once each has finished ``batches`` batches (deadline 120 s)."""
-    deadline = time.monotonic() + 120
-    while True:
-        ranks = {}
-        for rank in (0, 1):
-            try:
-                ranks[rank] = json.loads((progress / f"rank{rank}.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-        if len(ranks) == 2 and min(r["batches"] for r in ranks.values()) >= batches:
-            return ranks
-        if proc.poll() is not None:
-            pytest.fail(f"training ended early: {proc.stderr.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the ranks did not reach {batches} batches within 120 s")
-        time.sleep(0.05)
-
-
-def wait_for_text(
-    proc: subprocess.Popen, log: Path, texts: list[str], seconds: float = 30.0
-) -> None:
-    """Wait until the ranks' stderr in ``log`` holds every one of ``texts`` (or fail)."""
-    deadline = time.monotonic() + seconds
-    while not all(text in log.read_text(errors="replace") for text in texts):
-        if time.monotonic() > deadline:
-            kill_group(proc)
-            pytest.fail(f"not seen within {seconds:.0f} s: {texts}\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def finish(
-    proc: subprocess.Popen, pids: list[int], log: Path | None = None
-) -> tuple[int, str, float]:
-    """Exit status of rank 0, every rank's stderr, and the seconds until every rank was gone."""
-    sent = time.monotonic()
-    try:
-        if log is None:
-            stderr = proc.communicate(timeout=GONE_WITHIN)[1].decode()
-        else:
-            proc.wait(timeout=GONE_WITHIN)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"rank 0 still running {GONE_WITHIN:.0f} s after the signal (a hang)")
-    while any(alive(pid) for pid in pids):
-        if time.monotonic() - sent > GONE_WITHIN:
-            for pid in pids:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            pytest.fail(f"a rank was still running {GONE_WITHIN:.0f} s after the signal")
-        time.sleep(0.05)
-    if log is not None:
-        stderr = log.read_text(errors="replace")
-    return proc.returncode, stderr, time.monotonic() - sent
 
 
 def last_checkpoint(tmp_path: Path) -> dict:
