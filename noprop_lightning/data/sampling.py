@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.lightning_private import epoch_batch_progress
 
 #: Key of the training-order state in the data module's checkpoint entry.
 ORDER_KEY = "training_order"
@@ -173,7 +174,7 @@ def training_order_state(trainer: Any, sampler: Any) -> dict[str, Any]:
     state: dict[str, Any] = {"seed": int(sampler.seed)}
     if trainer is None or not getattr(trainer, "training", False):
         return state
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    progress = epoch_batch_progress(trainer).current
     layout = dict(getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {})
     batch_size = int(getattr(trainer.train_dataloader, "batch_size", None) or 1)
     return {

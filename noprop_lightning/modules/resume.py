@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from noprop_lightning.callbacks.checkpoint import (
@@ -111,7 +112,7 @@ class ResumeHooks:
                 fail with a ``KeyError`` after loading the weights).
         """
         check_checkpoint_matches(self, checkpoint, self.structural_hparams)
-        if self._trainer is not None and self._trainer.state.fn == "fit":
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             check_full_training_state(checkpoint)
         if checkpoint.get(RUN_SEED_KEY) is not None:
             self._run_seed = int(checkpoint[RUN_SEED_KEY])

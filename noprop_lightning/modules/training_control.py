@@ -18,40 +18,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateFinder, StochasticWeightAveraging
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from noprop_lightning.distributed.runtime import runtime_for
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.lightning_private import epoch_batch_progress, uncounted_step
 from noprop_lightning.modules.optim import build_optimizer
 from noprop_lightning.stopping import STOP
-
-
-@contextmanager
-def uncounted_step(optimizer: LightningOptimizer) -> Iterator[None]:
-    """Within this context ``optimizer.step()`` does not advance Lightning's step counter.
-
-    Lightning's manual-optimization loop hands each ``LightningOptimizer`` the two hooks
-    that count a step (``_on_before_step`` / ``_on_after_step``) at every batch; they are
-    swapped for no-ops here and put back after.
-    """
-    hooks = optimizer._on_before_step, optimizer._on_after_step
-    optimizer._on_before_step = optimizer._on_after_step = _no_op
-    try:
-        yield
-    finally:
-        optimizer._on_before_step, optimizer._on_after_step = hooks
-
-
-def _no_op() -> None:
-    return None
 
 
 def clip_parameters(
@@ -96,7 +77,7 @@ class TrainingControl:
             return
         if self.trainer.sanity_checking:
             STOP.install(self.trainer)
-        elif self.trainer.state.fn != "fit":
+        elif self.trainer.state.fn != TrainerFn.FITTING:
             STOP.install(self.trainer, at_once=True)
 
     def on_predict_start(self) -> None:
@@ -235,6 +216,6 @@ class TrainingControl:
         if accumulate == 1 or (batch_idx + 1) % accumulate == 0 or self._trainer is None:
             return True
         total = self.trainer.num_training_batches
-        return self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+        return epoch_batch_progress(self.trainer).is_last_batch or (
             isinstance(total, int) and batch_idx + 1 >= total
         )
