@@ -22,6 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "noprop_lightning"
 FLOORS = {
     "errors": 0,
     "metric_names": 0,  # the logged tag names: plain strings, for callbacks, runs, plots
+    "lightning_private": 0,  # every private Lightning/torch name the package uses
+    "lost_peers": 0,  # how a failed collective names a lost process (for stopping)
     "settings": 1,
     "config_files": 1,
     "stopping": 1,  # signals and the per-batch agreement: callbacks, modules and the CLI
@@ -165,6 +167,7 @@ def run_python(code: str) -> str:
 HEAVY = ("lightning", "torchmetrics", "numba", "sklearn", "matplotlib")
 
 
+@pytest.mark.slow
 def test_objectives_and_executors_load_without_lightning():
     out = run_python(
         f"""
@@ -176,6 +179,7 @@ def test_objectives_and_executors_load_without_lightning():
     assert out == "[]"
 
 
+@pytest.mark.slow
 def test_import_noprop_lightning_loads_no_optional_heavyweights():
     """The package's names load on first use: the import itself pulls none of these."""
     out = run_python(
@@ -188,6 +192,7 @@ def test_import_noprop_lightning_loads_no_optional_heavyweights():
     assert out == "[]"
 
 
+@pytest.mark.slow
 def test_using_a_module_loads_lightning_but_not_numba_sklearn_or_the_report():
     """matplotlib may come with Lightning (torchmetrics imports it when installed)."""
     out = run_python(
@@ -205,6 +210,7 @@ def test_using_a_module_loads_lightning_but_not_numba_sklearn_or_the_report():
     assert out == "[] True"
 
 
+@pytest.mark.slow
 def test_numba_backend_loads_numba_when_chosen():
     out = run_python(
         """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +27,13 @@ class DigitsDataModule(ImageClassificationDataModule):
     With ``augment=True`` training images are randomly shifted by up to 1 pixel.
 
     Args:
-        data_dir: Accepted for a uniform interface; unused (the data ship with scikit-learn).
-        download: Accepted for a uniform interface; unused.
-        batch_size: Samples per batch for every dataloader.
-        num_workers: Dataloader worker processes.
         val_size: Validation split from the non-test images: ``int`` count or ``float``
-            fraction in ``(0, 1)``.
-        split_seed: Seed of the permutation that chooses the validation samples.
-        augment: Random 1-pixel shifts of training images.
-        pin_memory: Pin batches in page-locked memory.
-        train_subset: Keep only the first ``train_subset`` training samples.
+            fraction in ``(0, 1)`` (default 10 %, where the base's is 5000 images).
+        **kwargs: The other arguments of
+            :class:`~noprop_lightning.data.base.ImageClassificationDataModule` (``batch_size``,
+            ``num_workers``, ``split_seed``, ``augment``, ``pin_memory``, ``train_subset``;
+            ``data_dir`` and ``download`` are accepted and unused: the data ship with
+            scikit-learn).
 
     """
 
@@ -54,29 +52,8 @@ class DigitsDataModule(ImageClassificationDataModule):
     #: Seed of the test split; fixed so that every run evaluates on the same images.
     TEST_SPLIT_SEED = 0
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_size: int | float = 0.1,
-        split_seed: int = 0,
-        augment: bool = False,
-        pin_memory: bool = False,
-        train_subset: int | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            download=download,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            split_seed=split_seed,
-            augment=augment,
-            pin_memory=pin_memory,
-            train_subset=train_subset,
-        )
+    def __init__(self, val_size: int | float = 0.1, **kwargs: Any) -> None:
+        super().__init__(val_size=val_size, **kwargs)
 
     def _required_files(self) -> tuple[Path, list[str]]:
         return self.data_path, []

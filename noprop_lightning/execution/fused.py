@@ -11,6 +11,7 @@ from torch.func import functional_call, vmap
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.execution.base import Backward
 from noprop_lightning.objectives import DTBatch, DTObjective
+from noprop_lightning.settings import check_optional_int
 
 
 class FusedExecutor:
@@ -47,11 +48,8 @@ class FusedExecutor:
     concurrent_backward = False
 
     def __init__(self, chunk_size: int | None = None) -> None:
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-            raise ConfigurationError(
-                f"fused_chunk_size must be an integer >= 1, got {chunk_size!r}"
-            )
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        # The rule of ExecutionSettings (one check, one message for both ways in).
+        self.chunk_size = check_optional_int("execution.chunk_size", chunk_size)
 
     def chunks(self, block_ids: Sequence[int]) -> list[list[int]]:
         """Split ``block_ids`` into the chunks computed together."""

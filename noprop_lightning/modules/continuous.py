@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from noprop_lightning.metric_names import TRAIN_GAMMA_0, TRAIN_GAMMA_1
 from noprop_lightning.modules.continuous_base import ContinuousNoPropModule
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adam
 from noprop_lightning.nets import TimeNetwork
@@ -104,8 +105,8 @@ class NoPropCTModule(ContinuousNoPropModule):
         """CT loss step; also logs the schedule endpoints ``gamma_0``, ``gamma_1``."""
         loss = super().training_step(batch, batch_idx)
         endpoints = {"on_step": False, "on_epoch": True, "batch_size": len(batch[1])}
-        self.log("train/gamma_0", self.schedule.gamma_0.detach(), **endpoints)
-        self.log("train/gamma_1", self.schedule.gamma_1.detach(), **endpoints)
+        self.log(TRAIN_GAMMA_0, self.schedule.gamma_0.detach(), **endpoints)
+        self.log(TRAIN_GAMMA_1, self.schedule.gamma_1.detach(), **endpoints)
         return loss
 
 

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from noprop_lightning.metric_names import CE, FLOW
 from noprop_lightning.modules.guards import SHAPE_NAMES
 from noprop_lightning.modules.noprop_base import NoPropBase, trainable_parameters
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, OptimizerGroup
@@ -171,7 +172,7 @@ class ContinuousNoPropModule(NoPropBase):
 
     def progress_terms(self, terms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The progress bar shows the head's cross-entropy (CT, learned FM) or the flow loss."""
-        key = "ce" if "ce" in terms else "flow"
+        key = CE if CE in terms else FLOW
         return {key: terms[key]} if key in terms else {}
 
     # ------------------------------------------------------------------ inference

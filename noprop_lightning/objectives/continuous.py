@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noprop_lightning.metric_names import CE, DENOISE, FLOW, KL, LOSS
 from noprop_lightning.nets import LabelEmbedding
 from noprop_lightning.schedules import FlowMatchingPath, LearnableSchedule, Sampler
 from noprop_lightning.settings import (
@@ -239,7 +240,7 @@ class CTObjective(ContinuousObjective):
         z_1 = self.schedule.add_noise(u, torch.ones((), device=u.device), final_noise)
         ce = F.cross_entropy(self.head(z_1), y)
         kl = self.schedule.kl_prior(u)
-        return {"loss": ce + kl + denoise, "ce": ce, "kl": kl, "denoise": denoise}
+        return {LOSS: ce + kl + denoise, CE: ce, KL: kl, DENOISE: denoise}
 
     def integrate(
         self, net: nn.Module, features: torch.Tensor, z0: torch.Tensor, steps: int, sampler: Sampler
@@ -310,11 +311,11 @@ class FMObjective(ContinuousObjective):
         z_t, target = self.path.add_noise(u, z0, t_col, noise)
         v = net(x, z_t, t)
         flow = (v - target).pow(2).sum(-1).mean()
-        terms = {"loss": flow, "flow": flow}
+        terms = {LOSS: flow, FLOW: flow}
         if self.embedding.trainable:
             ce = F.cross_entropy(self.classify(z_t + (1 - t_col) * v), y)
-            terms["ce"] = ce
-            terms["loss"] = flow + ce
+            terms[CE] = ce
+            terms[LOSS] = flow + ce
         return terms
 
     def integrate(
