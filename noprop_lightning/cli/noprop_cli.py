@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from noprop_lightning.cli.callback_notes import serializable_devices, swa_extra_epoch
 from noprop_lightning.cli.checkpoints import (
     check_checkpoint_use,
     check_model_against_checkpoint,
@@ -38,9 +39,18 @@ from noprop_lightning.cli.errors import (
     raised_by_lightning,
     trainer_setup_message,
 )
-from noprop_lightning.cli.folders import place_run, starting_checkpoint
+from noprop_lightning.cli.folders import (
+    TEST_CONFIG_NAME,
+    place_run,
+    resume_dirpath,
+    starting_checkpoint,
+)
 from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
 from noprop_lightning.cli.output import resuming_into
+from noprop_lightning.cli.run_lock import RunLock, lock_run, released
+from noprop_lightning.cli.trust import check_checkpoint_code, without_code_arguments
+from noprop_lightning.distributed.elastic import join_group
+from noprop_lightning.distributed.timeouts import ddp_with_peer_timeout
 from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.nets import deferred_blocks
 
@@ -66,6 +76,8 @@ class NoPropCLI(LightningCLI):
 
     #: The checkpoint of ``--ckpt_path``, read once (``None``: none given).
     _ckpt_header: dict[str, Any] | None = None
+    #: The lock of the run folder, held by rank 0 while ``fit`` (and its test) runs.
+    _run_lock: RunLock | None = None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser, with a ``--config`` that also takes a shipped config's name."""
@@ -154,8 +166,7 @@ class NoPropCLI(LightningCLI):
         header = self._ckpt_header
         if header is None or not self.config.get("subcommand"):
             return
-        hparams = dict(header.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
+        hparams = without_code_arguments(header.get("hyper_parameters") or {})
         if not hparams:
             return
         if "_class_path" in hparams:
@@ -190,19 +201,23 @@ class NoPropCLI(LightningCLI):
         :class:`~noprop_lightning.callbacks.ProgressBar` and
         :class:`~noprop_lightning.callbacks.CompactModelSummary`.
 
-        The checkpoint records where its ``ModelCheckpoint`` saved; pointing the config's
-        ``ModelCheckpoint`` there means a resumed fit goes on writing (and tracking the best
-        checkpoint) beside the earlier ones, and ``test`` / ``validate`` / ``predict``
-        restore its state without Lightning warning that the directory changed. A resumed
-        fit also logs into the run's own version folder, and a fit given the version of a
-        folder that holds another run is refused (:func:`~noprop_lightning.cli.folders.
-        place_run`).
+        The checkpoint records where its ``ModelCheckpoint`` saved. A fit that continues
+        that run (its checkpoint lies in the run's own folder) goes on writing (and tracking
+        the best checkpoint) beside the earlier ones and logs into the run's version folder;
+        a fit from a copy, or from a run of another logger folder, is a new run with folders
+        of its own (:func:`~noprop_lightning.cli.folders.resume_dirpath`). ``test`` /
+        ``validate`` / ``predict`` restore the callbacks' state without Lightning warning that
+        the directory changed, and ``test`` of a run's checkpoint logs into that run (its
+        config as ``config_test.yaml``). A fit given the version of a folder that holds
+        another run is refused (:func:`~noprop_lightning.cli.folders.place_run`).
         """
         trainer = self.config[self.subcommand].get("trainer") if self.subcommand else None
         callbacks = trainer.get("callbacks") if trainer is not None else None
         if trainer is not None:
             check_accelerator(trainer.get("accelerator"))
             check_block_groups(trainer, self._model_config())
+            trainer.strategy = ddp_with_peer_timeout(trainer.get("strategy"))
+            serializable_devices(callbacks)  # e.g. SWA's device: saved as "cpu" in config.yaml
             names = [str(getattr(c, "class_path", "")) for c in callbacks or []]
             added = []
             if trainer.get("enable_progress_bar") is not False:
@@ -225,7 +240,13 @@ class NoPropCLI(LightningCLI):
             ckpt_path = (
                 None if ckpt_path is None or is_special_ckpt_path(str(ckpt_path)) else ckpt_path
             )
-            place_run(trainer.get("logger"), ckpt_path, self.subcommand)
+            run = place_run(trainer.get("logger"), ckpt_path, self.subcommand)
+            if run is not None and self.subcommand == "test":
+                # Logging into the trained run: its config.yaml stays the one to resume with.
+                self.save_config_kwargs = {
+                    **self.save_config_kwargs,
+                    "config_filename": TEST_CONFIG_NAME,
+                }
             if self.subcommand != "fit" and self.config[self.subcommand].get("ckpt_path") is None:
                 print(
                     f"warning: {self.subcommand} without --ckpt_path evaluates the freshly "
@@ -234,8 +255,15 @@ class NoPropCLI(LightningCLI):
                 )
             if ckpt_path is not None and self.subcommand == "fit":
                 resuming_into(Path(str(ckpt_path)).parent)
-        dirpath = checkpoint_dirpath(self._ckpt_header) if self._ckpt_header else None
-        if dirpath is None or not isinstance(callbacks, list):
+        if self._ckpt_header is None or trainer is None or not isinstance(callbacks, list):
+            return
+        dirpath = resume_dirpath(
+            trainer.get("logger"),
+            self.config[self.subcommand].get("ckpt_path"),
+            checkpoint_dirpath(self._ckpt_header),
+            self.subcommand,
+        )
+        if dirpath is None:
             return
         for callback in callbacks:
             if names_subclass(callback, ModelCheckpoint):  # LastCheckpoint, BestCheckpoint too
@@ -251,7 +279,26 @@ class NoPropCLI(LightningCLI):
                 raise
             raise ConfigurationError(trainer_setup_message(err)) from err
 
+    def before_fit(self) -> None:
+        """Take the run folder's lock: one live fit per run (:mod:`~noprop_lightning.cli.run_lock`).
+
+        First, a line saying so when SWA will train one epoch more than ``max_epochs``
+        (:func:`~noprop_lightning.cli.callback_notes.swa_extra_epoch`).
+
+        Raises:
+            ConfigurationError: Another live process fits the same run.
+        """
+        note = swa_extra_epoch(self.trainer, self.model)
+        if note is not None and self.trainer.is_global_zero:
+            print(note, file=sys.stderr)
+        self._run_lock = lock_run(self.trainer, join_group())
+
     def after_fit(self) -> None:
+        """Test after fitting (:meth:`_test_after_fit`), then give the run's lock back."""
+        with released(self._run_lock):
+            self._test_after_fit()
+
+    def _test_after_fit(self) -> None:
         """Evaluate on the test split after fitting.
 
         The model tested is the best checkpoint of the first ``ModelCheckpoint`` with a
@@ -285,8 +332,10 @@ class NoPropCLI(LightningCLI):
             return
         checkpoint = read_checkpoint_header(ckpt_path)
         check_checkpoint_use(checkpoint, str(ckpt_path), subcommand)
-        self._ckpt_header = checkpoint
         model_config = config.get("model")
+        # Before anything reads the hyper-parameters: they must not make us import code.
+        check_checkpoint_code(str(ckpt_path), checkpoint.get("hyper_parameters"), model_config)
+        self._ckpt_header = checkpoint
         if model_config is None or not hasattr(model_config, "class_path"):
             return
         check_model_against_checkpoint(

@@ -9,7 +9,6 @@ seeded permutation; the test split is only read for ``test``/``predict``.
 
 from __future__ import annotations
 
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from noprop_lightning.data.files import (
     DatasetCorruptError,
@@ -27,17 +25,10 @@ from noprop_lightning.data.files import (
     example_file,
     missing_files,
     missing_message,
-    no_validation,
     permission_message,
     validate_arguments,
 )
-from noprop_lightning.data.sampling import (
-    ORDER_KEY,
-    TrainingLoader,
-    drop_single_sample_batch,
-    training_order_state,
-    training_sampler,
-)
+from noprop_lightning.data.loaders import LoaderHooks
 from noprop_lightning.data.tensors import TensorImageDataset
 from noprop_lightning.errors import ConfigurationError, DatasetNotFoundError, NoPropUserError
 
@@ -46,7 +37,7 @@ __all__ = ["DatasetCorruptError", "ImageClassificationDataModule", "Split", "Ten
 Split = Literal["train", "test"]
 
 
-class ImageClassificationDataModule(LightningDataModule, ABC):
+class ImageClassificationDataModule(LoaderHooks, LightningDataModule, ABC):
     """Abstract base for in-memory image-classification DataModules.
 
     Subclasses set the class attributes below (readable before :meth:`setup`, so LightningCLI
@@ -57,7 +48,8 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
     hold :class:`TensorImageDataset` objects returning ``(image, label)`` with ``image`` a
     normalised ``float32`` tensor ``(C, H, W)`` and ``label`` a 0-d ``int64`` tensor.
     ``train_indices`` / ``val_indices`` are the positions in the original train split that
-    each of the two subsets uses.
+    each of the two subsets uses. The dataloaders and the training order's state are
+    :class:`~noprop_lightning.data.loaders.LoaderHooks`'.
 
     Args:
         data_dir: Root folder of the dataset files (the layout under it is the one torchvision
@@ -101,7 +93,7 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         train_subset: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)  # logged by TensorBoardHParams
+        self.save_hyperparameters()  # Lightning logs them (or TensorBoardHParams, if present)
         validate_arguments(batch_size, num_workers, val_size, train_subset)
         self.data_dir = data_dir
         self.download = download
@@ -143,6 +135,9 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
     def _train_augmentation(self) -> Callable[[Tensor], Tensor] | None:
         """Return the per-image training augmentation used when ``augment=True``."""
         return None
+
+    def _check_split_files(self, split: Split) -> None:
+        """Check one split's files cheaply (headers, sizes); default: nothing (see setup)."""
 
     # ------------------------------------------------------------------ public API
     @property
@@ -189,7 +184,8 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
 
         ``fit``/``validate`` load the train split and carve the validation split from it;
         ``test``/``predict`` load the test split; ``None`` loads everything. Already loaded
-        splits are kept.
+        splits are kept. ``fit`` also checks the test split's files, without reading them
+        (:meth:`_check_split_files`): a test after fit must not fail on them after training.
 
         Raises:
             DatasetNotFoundError: If the dataset files are missing.
@@ -208,53 +204,11 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
                 transform=self._train_augmentation() if self.augment else None,
             )
             self.val_dataset = TensorImageDataset(self._normalise(images[val_idx]), labels[val_idx])
+        if stage == "fit" and self.test_dataset is None:
+            self._read(split="test", files_only=True)
         if need_test and self.test_dataset is None:
             images, labels = self._read(split="test")
             self.test_dataset = TensorImageDataset(self._normalise(images), labels)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the training split, continued exactly after a resume.
-
-        The order is :class:`~noprop_lightning.data.sampling.ResumableSampler`'s; a last
-        batch of a single sample is dropped (BatchNorm cannot train on one sample).
-        """
-        if self.train_dataset is None:
-            self.setup("fit")
-        sampler = training_sampler(
-            self.train_dataset, self.trainer, self._resume_order, batch_size=self.batch_size
-        )
-        self._resume_order, self._sampler = None, sampler
-        drop = drop_single_sample_batch(sampler.num_samples, self.batch_size)
-        loader = functools.partial(TrainingLoader, seed=sampler.seed)
-        return self._loader(self.train_dataset, sampler, drop, loader=loader)
-
-    def state_dict(self) -> dict:
-        """Where the training order stands (saved in checkpoints for an exact resume)."""
-        return {ORDER_KEY: training_order_state(self.trainer, self._sampler)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Continue the training order of a checkpoint (see :meth:`state_dict`)."""
-        self._resume_order = state_dict.get(ORDER_KEY) or None
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Loader over the validation split (``val_size=0``: see :func:`no_validation`)."""
-        if self.val_size == 0:
-            return no_validation(self)
-        if self.val_dataset is None:
-            self.setup("validate")
-        return self._loader(self.val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        """Loader over the test split."""
-        if self.test_dataset is None:
-            self.setup("test")
-        return self._loader(self.test_dataset)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Loader over the test split (images and labels), for ``Trainer.predict``."""
-        if self.test_dataset is None:
-            self.setup("predict")
-        return self._loader(self.test_dataset)
 
     def class_examples(self, per_class: int = 64) -> tuple[Tensor, Tensor]:
         """Return up to ``per_class`` normalised training images of every class.
@@ -285,9 +239,12 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         return self.train_dataset.images[index].clone(), labels[index].clone()
 
     # ------------------------------------------------------------------ internals
-    def _read(self, split: Split) -> tuple[Tensor, Tensor]:
+    def _read(self, split: Split, files_only: bool = False) -> Any:
+        """The split's images and labels (``files_only``: check its files, read nothing)."""
         folder, names = self._required_files()
         try:
+            if files_only:
+                return self._check_split_files(split)
             return self._read_files(split, folder, names)
         except PermissionError as err:
             raise DatasetNotFoundError(permission_message(self, folder, err)) from err
@@ -332,21 +289,3 @@ class ImageClassificationDataModule(LightningDataModule, ABC):
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return images.sub_(mean).div_(std).contiguous()
-
-    def _loader(
-        self,
-        dataset: TensorImageDataset | None,
-        sampler: Any = None,
-        drop_last: bool = False,
-        loader: Callable[..., DataLoader] = DataLoader,
-    ) -> DataLoader:
-        assert dataset is not None
-        return loader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )

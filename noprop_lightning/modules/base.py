@@ -7,20 +7,22 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from noprop_lightning.distributed.runtime import runtime_for
 from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.lightning_private import skip_sigterm_broadcast
+from noprop_lightning.metric_names import TRAIN_LOSS, VAL_LOSS, metric, step_curve
+from noprop_lightning.modules.evaluation import EVAL_STREAMS, Evaluation
 from noprop_lightning.modules.guards import (
     SHAPE_NAMES,
     check_batch_size,
     check_datamodule_matches,
-    check_finite_images,
     check_images,
     check_labels,
     warn_unportable_classes,
 )
+from noprop_lightning.modules.loading import TrustedLoading
 from noprop_lightning.modules.optim import (
     LRSchedulerCallable,
     OptimizerCallable,
@@ -31,15 +33,15 @@ from noprop_lightning.modules.optim import (
 from noprop_lightning.modules.resume import ResumeHooks
 from noprop_lightning.modules.scripting import ScriptRefusal
 from noprop_lightning.modules.training_control import TrainingControl
-from noprop_lightning.objectives.streams import stream_seed
 from noprop_lightning.settings import Settings, check_int
 from noprop_lightning.stopping import STOP
 
-#: Stream keys of the evaluation stages (distinct from any block index).
-EVAL_STREAMS = {"val": 1 << 40, "test": (1 << 40) + 1, "predict": (1 << 40) + 2}
+__all__ = ["EVAL_STREAMS", "ClassifierModule"]
 
 
-class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningModule):
+class ClassifierModule(
+    Evaluation, TrustedLoading, TrainingControl, ResumeHooks, ScriptRefusal, L.LightningModule
+):
     """Base class: optimizers and schedulers, metrics, logging, validation/test/predict steps.
 
     Subclasses supply the networks and three things:
@@ -76,7 +78,7 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
     #: the command line's values win over the checkpoint's.
     runtime_hparams: ClassVar[tuple[str, ...]] = ()
     #: The metric a ``ReduceLROnPlateau`` scheduler watches.
-    scheduler_monitor: ClassVar[str] = "val/loss"
+    scheduler_monitor: ClassVar[str] = VAL_LOSS
     #: How a non-finite total loss is named in the divergence message.
     loss_name: ClassVar[str] = "loss"
 
@@ -90,9 +92,9 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         scheduler: LRSchedulerCallable | None,
     ) -> None:
         super().__init__()
-        # logger=False: the hyper-parameters reach the loggers through TensorBoardHParams,
-        # without the placeholder metric a TensorBoardLogger would add.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        # Lightning logs them to the trainer's loggers at the start of a run (hparams.yaml of
+        # TensorBoard and CSV); TensorBoardHParams, where present, logs them instead.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         # A classifier needs two classes at least (torchmetrics refuses 1 with a ValueError).
         self.num_classes = check_int("num_classes", num_classes, minimum=2)
         self.in_channels = check_int("in_channels", in_channels)
@@ -157,14 +159,14 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
             return
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(self.scheduler_monitor)
-                if metric is None:
+                monitored = self.trainer.callback_metrics.get(self.scheduler_monitor)
+                if monitored is None:
                     raise ConfigurationError(
                         f"ReduceLROnPlateau watches {self.scheduler_monitor!r}, which was not "
                         "logged this epoch (is validation disabled?): validate every epoch or "
                         "choose another scheduler"
                     )
-                scheduler.step(metric)
+                scheduler.step(monitored)
             else:
                 scheduler.step()
 
@@ -196,13 +198,14 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
     def unpack(self, batch: Any, batch_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of a labelled batch, after checking the image shape and the labels.
 
-        Labels are checked to lie in ``[0, num_classes)``: every batch on the CPU, and the
-        first batch of each epoch on an accelerator (one device synchronisation per epoch
-        instead of one per batch).
+        Labels must be integer class indices of shape ``(B,)`` (float or one-hot labels
+        are refused with the fix; other integer types become int64), in
+        ``[0, num_classes)``: every batch on the CPU, and the first batch of each epoch on
+        an accelerator (one device synchronisation per epoch instead of one per batch).
         """
         x, y = batch
         check_images(x, self.in_channels, self.image_size)
-        check_labels(y, self.num_classes, on_device=batch_idx == 0)
+        y = check_labels(y, self.num_classes, on_device=batch_idx == 0, batch_size=len(x))
         if self.training and x.shape[0] == 1:
             check_batch_size(self, 1, f"the training batch at {self.step_name(batch_idx)}")
         return x, y
@@ -217,21 +220,43 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         terms: Mapping[str, torch.Tensor],
         batch_size: int,
         progress: Mapping[str, torch.Tensor] | None = None,
+        *,
+        step_curves: bool = True,
     ) -> None:
-        """Log ``train/loss`` and ``train/<term>`` per epoch, and ``progress`` on the bar.
+        """Log the training terms: epoch means, step curves, and ``progress`` on the bar.
 
-        ``sync_dist``: under DDP the epoch values are means over every process's batches
-        (one reduction per epoch; nothing is logged with ``sync_dist`` per step).
-        ``progress``: per-step values shown on the progress bar only (not logged), e.g. the
-        head's cross-entropy, which says more about a step than NoProp's summed,
-        SNR-weighted block losses.
+        ``train/loss`` and ``train/<term>``: epoch means; ``sync_dist``: under DDP the
+        means over every process's batches (one reduction per epoch).
+
+        Args:
+            loss: The batch's total loss.
+            terms: The other terms (``loss_block_01``, ``loss_head``, ``kl``, ...).
+            batch_size: The batch's samples (the weights of the epoch means).
+            progress: Per-step values shown on the progress bar only (not logged), e.g. the
+                head's cross-entropy, which says more about a step than NoProp's summed,
+                SNR-weighted block losses.
+            step_curves: Also log ``loss`` and ``terms`` as step curves
+                (:meth:`log_step_curves`); ``False`` where the caller logs them itself.
         """
         epoch = {"on_step": False, "on_epoch": True, "batch_size": batch_size, "sync_dist": True}
-        self.log("train/loss", loss, prog_bar=True, **epoch)
+        self.log(TRAIN_LOSS, loss, prog_bar=True, **epoch)
         for name, value in terms.items():
-            self.log(f"train/{name}", value, **epoch)
+            self.log(metric("train", name), value, **epoch)
+        if step_curves:
+            self.log_step_curves({"loss": loss, **terms}, batch_size)
         for name, value in (progress or {}).items():
             self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def log_step_curves(self, values: Mapping[str, torch.Tensor], batch_size: int) -> None:
+        """Log each value as the step curve ``train_step/<name>`` (``metric_names.step_curve``).
+
+        Logged ``on_step`` only, so Lightning writes them every ``log_every_n_steps``
+        training batches (at its step, the number of batches trained before), as for any
+        module; the epoch means stay under ``train/<name>``. No ``sync_dist``: under DDP a
+        point is rank 0's own batch, and no step communicates.
+        """
+        for name, value in values.items():
+            self.log(step_curve(name), value, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def on_train_start(self) -> None:
         """Drop the sanity check's validation state; apply changed settings on resume."""
@@ -239,80 +264,6 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
         self.val_acc.reset()
         if self.trainer.ckpt_path is not None:
             self.apply_changed_optimizer_settings()
-
-    # ------------------------------------------------------------------ inference
-    #: The random stream of stochastic inference during a validation, test or predict epoch
-    #: (``None`` outside one: the global generator).
-    eval_generator: torch.Generator | None = None
-
-    def start_eval_stream(self, stage: str) -> None:
-        """Seed the inference noise of an evaluation epoch from the run's seed and ``stage``.
-
-        So a stochastic model gives the same test accuracy after ``fit`` and in a standalone
-        ``test`` of the same checkpoint, and evaluating draws nothing from the global
-        generator (training's random streams do not depend on how often it validates).
-        """
-        seed = self._run_seed if self._run_seed is not None else self.default_seed()
-        generator = torch.Generator(device=self.device)
-        self.eval_generator = generator.manual_seed(stream_seed(seed, EVAL_STREAMS[stage]))
-
-    def on_validation_epoch_start(self) -> None:
-        """Seed the validation epoch's inference noise (see :meth:`start_eval_stream`)."""
-        self.start_eval_stream("val")
-
-    def on_test_epoch_start(self) -> None:
-        """Seed the test epoch's inference noise (see :meth:`start_eval_stream`)."""
-        self.start_eval_stream("test")
-
-    def on_predict_epoch_start(self) -> None:
-        """Seed the predict epoch's inference noise (see :meth:`start_eval_stream`)."""
-        self.start_eval_stream("predict")
-
-    def on_validation_epoch_end(self) -> None:
-        """Back to the global generator outside evaluation."""
-        self.eval_generator = None
-
-    on_test_epoch_end = on_validation_epoch_end
-    on_predict_epoch_end = on_validation_epoch_end
-
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, K)`` for images ``x``; must not use labels."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Alias of :meth:`predict_logits`."""
-        return self.predict_logits(x)
-
-    def _eval_step(
-        self, batch: Any, batch_idx: int, stage: str, metric: MulticlassAccuracy
-    ) -> torch.Tensor:
-        x, y = self.unpack(batch, batch_idx)
-        check_finite_images(x, stage, batch_idx)
-        logits = self.predict_logits(x)
-        loss = F.cross_entropy(logits, y)
-        metric.update(logits, y)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Run inference on a validation batch and log ``val/loss``, ``val/acc``."""
-        return self._eval_step(batch, batch_idx, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Run inference on a test batch and log ``test/loss``, ``test/acc``."""
-        return self._eval_step(batch, batch_idx, "test", self.test_acc)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Class probabilities and predicted classes of a batch (labels, if any, are ignored).
-
-        Returns:
-            ``{"probs": (B, K) softmax probabilities, "pred": (B,) class indices}``; write
-            them to a file with :class:`~noprop_lightning.callbacks.PredictionWriter`.
-        """
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = torch.softmax(self.predict_logits(x), dim=-1)
-        return {"probs": probs, "pred": probs.argmax(dim=-1)}
 
     # ------------------------------------------------------------------ checks
     def shape_values(self) -> dict[str, int]:
@@ -322,6 +273,10 @@ class ClassifierModule(TrainingControl, ResumeHooks, ScriptRefusal, L.LightningM
     def on_fit_start(self) -> None:
         """Refuse a data module that does not fit; fix the run's seed (same on every rank)."""
         STOP.reset()  # signals of an earlier fit in this process are done with
+        if self._trainer is not None:
+            # Each training batch's stop agreement (check_finite_losses) is the one signal
+            # collective of the batch: Lightning's own broadcast of rank 0's flag is dropped.
+            skip_sigterm_broadcast(self._trainer)
         check_datamodule_matches(self._trainer, self.shape_values())
         warn_unportable_classes(self.hparams)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None

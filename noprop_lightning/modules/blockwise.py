@@ -9,64 +9,52 @@ share (``block_parallel``: the other blocks are never built), or ``execution.tra
 wherever it is built), builds the optimizers of the trained ones, keeps checkpoints in the
 canonical layout (so they load and resume under any other), counts the training steps
 that seed the per-block random streams, and, when the blocks are spread over ranks, logs
-the losses without per-step communication.
+the losses with one small collective every ``log_every_n_steps`` batches only (the
+checkpoints: :mod:`~noprop_lightning.modules.block_checkpoints`; the logging:
+:mod:`~noprop_lightning.modules.spread_losses`).
 """
 
 from __future__ import annotations
 
-import io
-import os
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from noprop_lightning.callbacks.atomic import AtomicCheckpointIO
-from noprop_lightning.distributed import BlockLayout, canonicalize, localize
-from noprop_lightning.distributed.checkpoint import CheckpointFolderIO, is_sharded, read_checkpoint
+from noprop_lightning.distributed import BlockLayout
+from noprop_lightning.distributed.checkpoint import CheckpointFolderIO
 from noprop_lightning.distributed.plan import PlansTraining, TrainingPlan, plan_for
 from noprop_lightning.distributed.runtime import Runtime, micro_batches, runtime_for
 from noprop_lightning.distributed.shared import SharedGradients
-from noprop_lightning.errors import ConfigurationError
+from noprop_lightning.modules.block_checkpoints import (
+    STEP_UNIT_KEY,
+    STREAMS_KEY,
+    BlockCheckpoints,
+    count_steps_as_batches,
+)
 from noprop_lightning.modules.noprop_base import NoPropBase
-from noprop_lightning.modules.optim import OptimizerGroup, build_optimizer
-from noprop_lightning.nets.placement import NotHeld
+from noprop_lightning.modules.optim import OptimizerGroup
+from noprop_lightning.modules.spread_losses import SpreadLosses
+from noprop_lightning.nets import NotHeld, blocks_deferred, check_blocks_fit
 from noprop_lightning.objectives import BlockStreams
 from noprop_lightning.objectives.streams import stream_seed
 
-#: Checkpoint key of the per-block random streams' seed and step counter.
-STREAMS_KEY = "noprop_block_streams"
-#: Checkpoint key saying that ``global_step`` counts training batches (from 0.4 on).
-STEP_UNIT_KEY = "noprop_step_unit"
+__all__ = [
+    "INIT_STREAM",
+    "STEP_UNIT_KEY",
+    "STREAMS_KEY",
+    "BlockwiseModule",
+    "count_steps_as_batches",
+]
+
 #: Stream key of the blocks' initial weights (distinct from any training stream's).
 INIT_STREAM = 1 << 41
-_MANUAL_STEPS = "epoch_loop.manual_optimization.optim_step_progress"
-_BATCHES = "epoch_loop.batch_progress"
 
 
-def count_steps_as_batches(checkpoint: dict[str, Any]) -> None:
-    """Rewrite an older checkpoint's step counter in training batches, in place.
-
-    Checkpoints of noprop-lightning 0.3 and earlier counted every optimizer step of a
-    batch (``T + 1`` in one process, each rank its own share under ``block_parallel``);
-    a resumed fit counts batches (:meth:`~noprop_lightning.modules.base.ClassifierModule.
-    step_optimizers`), so ``max_steps`` and step intervals keep their meaning.
-    """
-    if checkpoint.get(STEP_UNIT_KEY) == "batch":
-        return
-    loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    steps, batches = loop.get(_MANUAL_STEPS), loop.get(_BATCHES)
-    if not steps or not batches:
-        return
-    for scope in ("total", "current"):
-        done = int(batches[scope]["completed"])
-        steps[scope] = {"ready": done, "completed": done}
-    checkpoint["global_step"] = int(batches["total"]["completed"])
-    checkpoint[STEP_UNIT_KEY] = "batch"
-
-
-class BlockwiseModule(NoPropBase):
+class BlockwiseModule(BlockCheckpoints, SpreadLosses, NoPropBase):
     """Base of modules whose ``blocks`` train independently (see the module docstring).
 
     Subclasses give :meth:`make_block` and ``objective`` (with ``head`` and ``embedding``),
@@ -85,20 +73,6 @@ class BlockwiseModule(NoPropBase):
     #: The seed of the blocks' initial weights: block ``t`` starts from stream
     #: ``(seed, t)``, the same in one process, on any rank and in any separate job.
     _init_seed = 0
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """Lightning's ``load_from_checkpoint``, also for a ``block_parallel`` checkpoint folder.
-
-        The folder's block files are read into one checkpoint in this process (which then
-        holds the whole model); the arguments are Lightning's.
-        """
-        if isinstance(checkpoint_path, str | os.PathLike) and is_sharded(checkpoint_path):
-            buffer = io.BytesIO()
-            torch.save(read_checkpoint(checkpoint_path), buffer)
-            buffer.seek(0)
-            checkpoint_path = buffer
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -143,14 +117,22 @@ class BlockwiseModule(NoPropBase):
             AtomicCheckpointIO,
         ):
             strategy.checkpoint_io = CheckpointFolderIO()
+        if stage == TrainerFn.FITTING:  # before configure_model builds and the first step allocates
+            self.check_memory(fitting=True)
 
     # ------------------------------------------------------------------ building
-    def init_blocks(self, num_blocks: int) -> None:
+    def init_blocks(
+        self, num_blocks: int, make_block: Callable[[], nn.Module] | None = None
+    ) -> None:
         """Give the model ``num_blocks`` empty block places (``configure_model`` fills them).
 
         Draws the seed of the blocks' initial weights from the global generator (one draw),
-        so a seeded run builds the same blocks whichever process builds them.
+        so a seeded run builds the same blocks whichever process builds them. Given
+        ``make_block`` (one block, before the model is complete), blocks that cannot fit in
+        memory are refused before any place is made, unless they are deferred.
         """
+        if make_block is not None and not blocks_deferred():
+            check_blocks_fit(make_block, num_blocks)
         self.blocks = nn.ModuleList(NotHeld(t) for t in range(num_blocks))
         self._init_seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
@@ -169,8 +151,10 @@ class BlockwiseModule(NoPropBase):
 
         Idempotent: a block already built stays as it is (trained weights are kept); a block
         the plan does not hold (another rank's under ``block_parallel``) becomes a
-        :class:`~noprop_lightning.nets.placement.NotHeld` and its memory is freed.
+        :class:`~noprop_lightning.nets.NotHeld` and its memory is freed. Blocks that cannot
+        fit in memory are refused first (:meth:`check_memory`).
         """
+        self.check_memory()
         held = set(self.plan.held_blocks)
         device = self.objective.head.weight.device
         for t in range(len(self.blocks)):
@@ -179,6 +163,19 @@ class BlockwiseModule(NoPropBase):
                 self.blocks[t] = self.build_block(t).to(device)
             elif t not in held and built:
                 self.blocks[t] = NotHeld(t)
+
+    def check_memory(self, fitting: bool = False) -> None:
+        """Refuse the blocks this process holds if they cannot fit, before building any.
+
+        The blocks not built yet need their weights in host memory; ``fitting`` (from
+        ``setup("fit")``), the trained ones also their gradients and Adam's moments on the
+        training device (:func:`~noprop_lightning.nets.check_blocks_fit`).
+        """
+        held = self.plan.held_blocks
+        new = sum(isinstance(self.blocks[t], NotHeld) for t in held)
+        trained = len(self.layout.blocks) if fitting else 0
+        device = self._trainer.strategy.root_device if fitting else None
+        check_blocks_fit(self.make_block, len(held), new=new, trained=trained, device=device)
 
     def parameter_counts(self) -> tuple[int, int]:
         """``(all, trainable)`` parameters of the whole model, wherever its blocks are held.
@@ -291,60 +288,3 @@ class BlockwiseModule(NoPropBase):
         streams = BlockStreams(self._run_seed, self._stream_step, self.plan.replica)
         self._stream_step += 1
         return streams
-
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the stream state and the optimizer states in the canonical layout.
-
-        Entries this process does not train are a fresh optimizer's state, except in a
-        sharded checkpoint, whose other entries come from their owners' files (``None``).
-        """
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[STREAMS_KEY] = {"seed": self._run_seed, "step": self._stream_step}
-        checkpoint[STEP_UNIT_KEY] = "batch"
-        sharded = self.plan.sharded_checkpoints
-        canonicalize(checkpoint, self.layout, (lambda i, e: None) if sharded else self._fresh_state)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the shapes, restore the stream state, pick this layout's optimizer states."""
-        super().on_load_checkpoint(checkpoint)
-        streams = checkpoint.get(STREAMS_KEY)
-        if streams is not None:
-            self._stream_step = int(streams["step"])
-        count_steps_as_batches(checkpoint)
-        localize(checkpoint, self.layout)
-
-    def _fresh_state(self, index: int, entry: str) -> dict[str, Any]:
-        """The state of a never-stepped optimizer (or its scheduler) for canonical ``index``."""
-        group = self.canonical_group(index)
-        optimizer = build_optimizer(self.optimizer_factory, group.params, group.owner, group.tag)
-        if entry == "lr_schedulers":
-            if self.scheduler_factory is None:
-                raise ConfigurationError("a checkpoint lists LR schedulers but none is configured")
-            return self.scheduler_factory(optimizer).state_dict()
-        return optimizer.state_dict()
-
-    # ------------------------------------------------------------------ logging
-    def log_spread_losses(
-        self,
-        total: torch.Tensor,
-        by_block: dict[int, torch.Tensor],
-        head: dict[str, torch.Tensor],
-        batch_size: int,
-    ) -> None:
-        """Log a ``block_parallel`` step's losses so that their epoch means come out right.
-
-        Every rank logs every key (collectives must match): its own value times the number
-        of block groups ``k``, ``0`` for the parts it does not train, epoch-level only. Each
-        part is trained by ``r`` of the ``k r`` ranks, so the mean over ranks that Lightning
-        takes once per epoch is the owners' mean, and no step communicates.
-        """
-        ranks = self.plan.loss_scale
-        zero = torch.zeros((), device=self.device)
-        terms = {
-            f"loss_block_{self.block_tag(t)}": by_block[t] * ranks if t in by_block else zero
-            for t in range(len(self.blocks))
-        }
-        for name in ("loss_head", "kl"):
-            terms[name] = head[name].detach() * ranks if name in head else zero
-        self.log_training(total * ranks, terms, batch_size)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from noprop_lightning.distributed import BlockLayout
 from noprop_lightning.errors import ConfigurationError
-from noprop_lightning.execution import ExecutionSettings, executor_for
+from noprop_lightning.execution import ExecutionSettings
+from noprop_lightning.metric_names import KL, LOSS_HEAD, block_loss
 from noprop_lightning.modules.blockwise import BlockwiseModule
 from noprop_lightning.modules.guards import SHAPE_NAMES
+from noprop_lightning.modules.noprop_runtime import DTRuntimeSettings, InferenceMode
 from noprop_lightning.modules.optim import LRSchedulerCallable, OptimizerCallable, paper_adamw
 from noprop_lightning.modules.parallel import (
     refuse_gradient_scaler,
@@ -30,10 +32,9 @@ from noprop_lightning.schedules import CosineSchedule
 from noprop_lightning.settings import check_choice, check_int
 
 BlockOrder = Literal["all", "random"]
-InferenceMode = Literal["stochastic", "deterministic"]
 
 
-class NoPropModule(BlockwiseModule):
+class NoPropModule(DTRuntimeSettings, BlockwiseModule):
     """NoProp-DT (Li, Teh & Pascanu, 2025): each block learns to denoise a noisy label.
 
     Training: for a batch ``(x, y)`` every selected block ``t`` gets
@@ -116,7 +117,8 @@ class NoPropModule(BlockwiseModule):
         label_embedding = LabelEmbedding(
             embedding, num_classes, embed_dim, (in_channels, image_size, image_size)
         )
-        self.init_blocks(num_blocks)  # built at the end, or by configure_model
+        block = functools.partial(build_block, label_embedding, in_channels, image_size, network)
+        self.init_blocks(num_blocks, block)  # built at the end, or by configure_model
         self.objective = DTObjective(
             embedding=label_embedding,
             head=ClassifierHead(label_embedding, num_classes, network.head_init),
@@ -128,6 +130,11 @@ class NoPropModule(BlockwiseModule):
         self.execution = execution
         if not blocks_deferred():  # else the trainer calls configure_model (held blocks only)
             self.configure_model()
+
+    @property
+    def one_block_per_batch(self) -> bool:
+        """``block_order="random"``: one random block trains per batch (else every block)."""
+        return self.block_order == "random"
 
     def make_block(self) -> torch.nn.Module:
         """A new NoProp-DT block (:class:`~noprop_lightning.nets.DenoisingBlock`)."""
@@ -144,67 +151,6 @@ class NoPropModule(BlockwiseModule):
         """The cosine noise schedule (owned by :attr:`objective`)."""
         return self.objective.schedule
 
-    @property
-    def inference(self) -> InferenceMode:
-        """``"stochastic"`` or ``"deterministic"``; may be reassigned at any time."""
-        return self._inference
-
-    @inference.setter
-    def inference(self, mode: InferenceMode) -> None:
-        check_choice("inference", mode, InferenceMode)
-        self._inference = mode
-        self._hparams["inference"] = self._hparams_initial["inference"] = mode
-
-    @property
-    def execution(self) -> ExecutionSettings:
-        """The execution path and diffusion backend; may be reassigned at any time."""
-        return self._execution
-
-    @execution.setter
-    def execution(self, settings: ExecutionSettings | dict[str, Any]) -> None:
-        settings = ExecutionSettings.coerce(settings)
-        layout = BlockLayout.requested(self.num_blocks, settings.train_blocks, settings.train_head)
-        selected = settings.train_blocks is not None or not settings.train_head
-        if selected and self.block_order == "random":
-            raise ConfigurationError(
-                "execution.train_blocks / train_head select the blocks a run trains; "
-                "block_order='random' would need every run's draw: use block_order='all'"
-            )
-        self.executor = executor_for(settings)
-        self.objective.use_backend(settings.diffusion_backend)
-        self._execution = settings
-        self.use_layout(layout)
-        self.record_settings(execution=settings)
-
-    def check_block_parallel(self) -> None:
-        """Refuse settings that ``block_parallel`` cannot honour."""
-        if self.block_order == "random":
-            raise ConfigurationError(
-                "strategy 'block_parallel' needs block_order='all': with 'random' the rank "
-                "owning the drawn block would train while the others wait, and every rank "
-                "would need the draw (use strategy 'ddp_find_unused_parameters_true' for it)"
-            )
-        if self.execution.train_blocks is not None or not self.execution.train_head:
-            raise ConfigurationError(
-                "strategy 'block_parallel' assigns the blocks to ranks itself: remove "
-                "execution.train_blocks / train_head (they are for separate one-process jobs)"
-            )
-
-    def setup(self, stage: str) -> None:
-        """Initialise prototype embeddings from the data module's training images.
-
-        Raises:
-            ConfigurationError: If ``diffusion_backend="numba"`` is asked to run on an
-                accelerator (its kernels are CPU-only; it never falls back to torch).
-        """
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        if self.objective.backend == "numba" and device is not None and device.type != "cpu":
-            raise ConfigurationError(
-                f"diffusion_backend='numba' has CPU kernels only, but the trainer runs on "
-                f"{device}: use diffusion_backend='torch' there"
-            )
-        super().setup(stage)
-
     # ------------------------------------------------------------------ training
     def draw_noise(
         self, batch_size: int, streams: BlockStreams | None = None
@@ -220,7 +166,7 @@ class NoPropModule(BlockwiseModule):
 
     def select_blocks(self) -> list[int]:
         """0-based indices of the blocks to update in this training step."""
-        if self.block_order == "all":
+        if not self.one_block_per_batch:
             return list(self.layout.blocks)
         # Under DDP every process must step the same block, or the weights drift apart.
         return [same_on_every_rank(self._trainer, int(torch.randint(self.num_blocks, ())))]
@@ -256,7 +202,7 @@ class NoPropModule(BlockwiseModule):
             opt.zero_grad(set_to_none=True)
         # The embedding sees the mean over the blocks updated on this batch, in every process
         # together: 1/T with block_order 'all' (whichever blocks this process trains).
-        scale = 1.0 / (self.num_blocks if self.block_order == "all" else 1)
+        scale = 1.0 / (1 if self.one_block_per_batch else self.num_blocks)
         # Under DDP every step needs exactly one backward; the summed loss gives the same
         # per-block gradients because blocks share no parameters and their inputs are data.
         plan = self.plan
@@ -265,7 +211,7 @@ class NoPropModule(BlockwiseModule):
         step = DTBatch(x, y, block_noise, scale, streams, shared.leaves if shared else None)
         head = {}
         if self.layout.head_loss:
-            head["loss_head"], head["kl"] = self.objective.head_losses(y, final_noise)
+            head[LOSS_HEAD], head[KL] = self.objective.head_losses(y, final_noise)
         attached = sum(head.values(), torch.zeros((), device=self.device))
         if head and not one_backward:
             self.manual_backward(attached / accumulate)
@@ -281,7 +227,7 @@ class NoPropModule(BlockwiseModule):
             block_losses = block_losses.detach()
         # Before any step: a NaN must not reach the weights (or, later, a checkpoint).
         named = {f"block {t + 1}": loss for t, loss in zip(block_ids, block_losses, strict=True)}
-        terms = {{"loss_head": "head cross-entropy", "kl": "KL"}[k]: v for k, v in head.items()}
+        terms = {{LOSS_HEAD: "head cross-entropy", KL: "KL"}[k]: v for k, v in head.items()}
         self.check_finite_losses({**named, **terms}, batch_idx)
         if shared is not None:
             shared.finish(plan, self.runtime)
@@ -299,15 +245,15 @@ class NoPropModule(BlockwiseModule):
         if plan.logging == "spread":
             self.log_spread_losses(total, by_block, head, len(y))
             return total
-        logged = {**head, **{f"loss_block_{self.block_tag(t)}": v for t, v in by_block.items()}}
-        progress = {"head_ce": head["loss_head"]} if head else {}
+        logged = {**head, **{block_loss(self.block_tag(t)): v for t, v in by_block.items()}}
+        progress = {"head_ce": head[LOSS_HEAD]} if head else {}
         self.log_training(total, logged, len(y), progress)
         return total
 
     def on_fit_start(self) -> None:
         """Refuse a gradient scaler when block losses are back-propagated in worker threads."""
         super().on_fit_start()
-        if self.accumulate_grad_batches > 1 and self.block_order == "random":
+        if self.accumulate_grad_batches > 1 and self.one_block_per_batch:
             raise ConfigurationError(
                 "accumulate_grad_batches > 1 needs block_order='all': with 'random' each batch "
                 "of a group would train another block"
@@ -322,7 +268,7 @@ class NoPropModule(BlockwiseModule):
     def on_train_start(self) -> None:
         """Refuse ``block_order="random"`` under DDP without unused-parameter detection."""
         super().on_train_start()
-        if self.block_order == "random":
+        if self.one_block_per_batch:
             require_find_unused_parameters(
                 self._trainer, "block_order='random' updates one block per step"
             )
