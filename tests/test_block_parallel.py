@@ -555,3 +555,15 @@ def test_ddp_wrapper_options_and_an_indivisible_world_are_refused():
     strategy = BlockParallelStrategy(replicas=2)  # on 1 process (devices x num_nodes)
     with pytest.raises(ConfigurationError, match="number of processes divisible by 2, got 1"):
         strategy.setup_environment()
+
+
+def test_a_training_batch_runs_one_signal_collective(runs, mesh_runs):
+    """Issue 27: between two batches of an epoch nothing is sent (Lightning 2.6 broadcasts
+    rank 0's SIGTERM flag there; the package drops it), and each batch sends one 8-byte
+    all-reduce, the stop and NaN agreement: under block_parallel and under torch's DDP."""
+    for job, ranks in ((runs / "bp", (0, 1)), (mesh_runs / "ddp", (0, 1))):
+        for rank in ranks:
+            run = load(job, rank)
+            assert run["gaps"] and all(gap == [] for gap in run["gaps"]), (job, run["gaps"][:3])
+            for sent in run["steps"]:
+                assert sent.count(("all_reduce", 8)) == 1, (job, rank, sent)

@@ -123,9 +123,10 @@ def test_fit_into_a_file_prints_a_line_per_epoch_and_per_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "block_parallel"])
+@pytest.mark.parametrize("strategy", ["block_parallel"])
 def test_two_processes_print_each_line_once(tmp_path, strategy):
-    """Process 0 alone prints, under DDP and with the blocks split over 2 processes."""
+    """Process 0 alone prints, with the blocks split over 2 processes (the lines come from
+    rank 0 the same way under ddp: one run of the two keeps the full run short)."""
     text, _ = run_cli(
         tmp_path,
         "--trainer.strategy",

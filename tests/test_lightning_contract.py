@@ -20,7 +20,6 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from noprop_lightning.lightning_private import PRIVATE_NAMES, missing_private_names
-from tests.helpers import load, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "noprop_lightning"
@@ -116,17 +115,5 @@ def test_ci_tests_the_lowest_allowed_versions_too() -> None:
     assert all(name in lowest for name in ("torch", "torchvision", "lightning"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "block_parallel"])
-def test_a_training_batch_runs_one_signal_collective(tmp_path: Path, strategy: str) -> None:
-    """2 ranks: between two batches of an epoch nothing is sent (Lightning 2.6 broadcasts
-    rank 0's SIGTERM flag there), and each batch sends one 8-byte all-reduce, the stop and
-    NaN agreement."""
-
-    run_job(tmp_path / "job", "--devices", "2", "--strategy", strategy)
-    for rank in (0, 1):
-        job = load(tmp_path / "job", rank)
-        assert job["gaps"] and all(gap == [] for gap in job["gaps"]), (rank, job["gaps"][:3])
-        for sent in job["steps"]:
-            signals = [c for c in sent if c == ("all_reduce", 8)]
-            assert len(signals) == 1, (rank, sent)
+# One signal collective per training batch: tests/test_block_parallel.py
+# (test_a_training_batch_runs_one_signal_collective), on the runs it makes anyway.
