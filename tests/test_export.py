@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import sys
 
+import lightning as L
 import pytest
 import torch
 from torch.export import ExportedProgram
@@ -202,7 +205,14 @@ def test_to_torchscript_trace_is_still_lightnings():
     """Tracing works (forward in the module's inference mode)."""
     torch.manual_seed(6)
     module = NoPropModule(**TINY, num_blocks=2, inference="deterministic").eval()
-    with pytest.warns(DeprecationWarning, match="to_torchscript"):
+    # Lightning deprecated to_torchscript during 2.6 (2.6.0 does not warn, 2.6.6 does).
+    deprecated = "deprecat" in inspect.getsource(L.LightningModule.to_torchscript).lower()
+    expected = (
+        pytest.warns(DeprecationWarning, match="to_torchscript")
+        if deprecated
+        else contextlib.nullcontext()
+    )
+    with expected:
         traced = module.to_torchscript(method="trace", example_inputs=images(2))
     x = images(5)
     with torch.no_grad():
