@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from noprop_lightning import NoPropModule
@@ -29,6 +30,17 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 TINY_NETWORK = {"channels": (4, 4, 4), "hidden": 16}
 TINY = {"num_classes": 4, "in_channels": 1, "image_size": 8, "network": TINY_NETWORK}
+
+
+class ModuleLevelEncoder(nn.Module):
+    """A user's encoder at module level: checkpoints name it by its import path."""
+
+    def __init__(self, in_channels: int, image_size: int, out_features: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def tiny_network(**fields) -> dict:

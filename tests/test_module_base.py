@@ -23,7 +23,7 @@ from noprop_lightning import (
 )
 from noprop_lightning.callbacks.checkpoint import RNG_STATE_KEY
 from noprop_lightning.errors import ConfigurationError
-from tests.helpers import TINY, tiny_batch, tiny_loader, tiny_trainer
+from tests.helpers import TINY, ModuleLevelEncoder, tiny_batch, tiny_loader, tiny_trainer
 
 
 def plateau(optimizer):
@@ -145,22 +145,11 @@ def test_learning_rates_are_logged_per_block_with_padded_tags(tmp_path, schedule
         assert names[:2] == ["lr/block_01", "lr/block_02"]
 
 
-class ModuleLevelEncoder(nn.Module):
-    """A user encoder defined at module level: checkpoints name it by its import path."""
-
-    def __init__(self, in_channels: int, image_size: int, out_features: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def test_custom_encoder_class_round_trips_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     network = BlockNetwork(encoder=ModuleLevelEncoder, hidden=16)
     module = NoPropModule(**{**TINY, "network": network}, num_blocks=2, inference="deterministic")
-    assert module.hparams.network["encoder"].endswith("test_module_base.ModuleLevelEncoder")
+    assert module.hparams.network["encoder"].endswith("tests.helpers.ModuleLevelEncoder")
     trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     trainer.fit(module, tiny_loader())
     trainer.save_checkpoint(tmp_path / "m.ckpt")

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from noprop_lightning import BackpropModule, NoPropCTModule, NoPropFMModule, NoPropModule
 from noprop_lightning.cli import main
@@ -20,7 +19,7 @@ from noprop_lightning.errors import ConfigurationError
 from noprop_lightning.merge import main as merge_main
 from noprop_lightning.nets import BlockNetwork, build_encoder
 from noprop_lightning.nets.encoders import UntrustedEncoderError
-from tests.helpers import TINY_NETWORK, tiny_trainer
+from tests.helpers import TINY_NETWORK, ModuleLevelEncoder, tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The digits' shapes (the quickstart config's data), so the CLI can test these checkpoints.
@@ -56,17 +55,6 @@ CLI = [
     "--test_after_fit",
     "false",
 ]
-
-
-class ModuleLevelEncoder(nn.Module):
-    """A user's encoder at module level: importable by its path."""
-
-    def __init__(self, in_channels: int, image_size: int, out_features: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @pytest.fixture

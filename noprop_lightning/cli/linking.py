@@ -37,6 +37,10 @@ class DataLinks:
     """
 
     def __init__(self, explicit: Mapping[str, Any] | None = None, accepted: Any = ()) -> None:
+        self.update(explicit, accepted)
+
+    def update(self, explicit: Mapping[str, Any] | None, accepted: Any) -> None:
+        """Set what the user stated and what the model takes (once the command is parsed)."""
         self.explicit = dict(explicit or {})
         self.accepted = set(accepted)
 
@@ -69,7 +73,9 @@ class DataLinks:
         )
 
 
-def link_data_properties(parser: Any, model: str = "model.init_args") -> None:
+def link_data_properties(
+    parser: Any, model: str = "model.init_args", links: DataLinks | None = None
+) -> DataLinks:
     """Link the data module's ``num_classes``, ``in_channels`` and ``image_size`` into the model.
 
     For your own ``LightningCLI`` subclass, one line in ``add_arguments_to_parser``::
@@ -93,8 +99,14 @@ def link_data_properties(parser: Any, model: str = "model.init_args") -> None:
         model: Where the model's arguments are: ``"model.init_args"`` when the model is given
             by ``class_path`` (a ``LightningCLI`` without a model class, or with
             ``subclass_mode_model=True``), ``"model"`` for a fixed model class.
+        links: Where the values come from (default: every linked property accepted, no
+            model value given); the package's CLI passes its own and fills it in after
+            parsing (:meth:`DataLinks.update`).
+
+    Returns:
+        The ``DataLinks`` the links read.
     """
-    links = DataLinks(accepted=LINKED_DATA_PROPERTIES)
+    links = links if links is not None else DataLinks(accepted=LINKED_DATA_PROPERTIES)
     for name in LINKED_DATA_PROPERTIES:
         parser.link_arguments(
             "data",
@@ -102,3 +114,4 @@ def link_data_properties(parser: Any, model: str = "model.init_args") -> None:
             compute_fn=functools.partial(links.value, name),
             apply_on="instantiate",
         )
+    return links

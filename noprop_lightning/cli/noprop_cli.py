@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from noprop_lightning.cli.folders import (
     resume_dirpath,
     starting_checkpoint,
 )
-from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks
+from noprop_lightning.cli.linking import LINKED_DATA_PROPERTIES, DataLinks, link_data_properties
 from noprop_lightning.cli.output import resuming_into
 from noprop_lightning.cli.run_lock import RunLock, lock_run, released
 from noprop_lightning.cli.trust import check_checkpoint_code, without_code_arguments
@@ -78,6 +77,8 @@ class NoPropCLI(LightningCLI):
     _ckpt_header: dict[str, Any] | None = None
     #: The lock of the run folder, held by rank 0 while ``fit`` (and its test) runs.
     _run_lock: RunLock | None = None
+    #: The linked data properties' values, shared by every subcommand's parser.
+    _links: DataLinks | None = None
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's parser, with a ``--config`` that also takes a shipped config's name."""
@@ -94,14 +95,10 @@ class NoPropCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link data properties to the model and add ``--test_after_fit``."""
-        self._links = DataLinks()
-        for name in LINKED_DATA_PROPERTIES:
-            parser.link_arguments(
-                "data",
-                f"model.init_args.{name}",
-                compute_fn=functools.partial(self._linked_value, name),
-                apply_on="instantiate",
-            )
+        # One DataLinks for every subcommand's parser: parse_arguments fills it in.
+        if self._links is None:
+            self._links = DataLinks()
+        link_data_properties(parser, links=self._links)
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -112,11 +109,10 @@ class NoPropCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check ``--ckpt_path`` before Lightning reads hyper-parameters from it."""
         super().parse_arguments(parser, args)
-        self._links = DataLinks(self._explicit_model_args(parser, args), self._model_takes())
+        links = self._links if self._links is not None else DataLinks()
+        self._links = links
+        links.update(self._explicit_model_args(parser, args), self._model_takes())
         self._check_ckpt_path()
-
-    def _linked_value(self, name: str, datamodule: Any) -> Any:
-        return self._links.value(name, datamodule)
 
     def _explicit_model_args(self, parser: LightningArgumentParser, args: Any) -> dict:
         """The model's ``init_args`` as the user gave them (no defaults filled in)."""
